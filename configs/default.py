@@ -1,0 +1,56 @@
+"""Default run: the seed CNN on MNIST, SGD with momentum.
+
+Every key the code reads is declared here, with a one-line comment. Variants
+import this module and override fields (see configs/tiny.py).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default training configuration."""
+  config = ml_collections.ConfigDict()
+
+  config.seed = 0  # Seeds the parameter init and the order of the batches.
+
+  # Data.
+  config.data_source = 'auto'  # 'auto' | 'embedded' | 'tfds'.
+  config.data_dir = '~/tensorflow_datasets'  # Where TFDS keeps prepared MNIST.
+  config.classes = tuple(range(10))  # Digit labels, remapped to 0..k-1.
+
+  # Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'cnn'  # A name from trainer.models.MODELS.
+  # Output classes; derived from `classes` when unset, an error if it differs.
+  config.model.num_classes = config_dict.placeholder(int)
+
+  # Optimizer.
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'sgd'  # 'sgd' | 'adam' | 'adamw'.
+  config.optimizer.learning_rate = 0.1  # Peak learning rate.
+  config.optimizer.schedule = 'constant'  # 'constant' | 'cosine' | 'warmup_cosine'.
+  config.optimizer.warmup_steps = 0  # Linear warm-up steps ('warmup_cosine').
+  config.optimizer.momentum = 0.9  # sgd: momentum (0 for plain SGD).
+  config.optimizer.nesterov = False  # sgd: Nesterov momentum.
+  config.optimizer.b1 = 0.9  # adam, adamw: first-moment decay.
+  config.optimizer.b2 = 0.999  # adam, adamw: second-moment decay.
+  config.optimizer.eps = 1e-8  # adam, adamw: numerical stability term.
+  config.optimizer.weight_decay = 0.0  # adamw: decoupled weight decay.
+
+  # Length and batches.
+  config.batch_size = 128  # Global batch size, split over all devices.
+  config.num_epochs = 30  # Training length in epochs of the train split.
+  # Training length in steps; overrides num_epochs when set.
+  config.num_train_steps = config_dict.placeholder(int)
+  config.eval_batch_size = 500  # Global eval batch; the last one is padded.
+
+  # Logging, evaluation and checkpoints.
+  config.log_every_steps = 50  # Train metrics are written this often.
+  config.eval_every_steps = 310  # Full test-split evaluation this often.
+  config.checkpoint_every_steps = 310  # Checkpoints are saved this often.
+  config.keep_checkpoints = 3  # The latest K are kept, plus the best one.
+  config.progress_bar = 'auto'  # 'auto' (when stdout is a terminal) | 'on' | 'off'.
+  config.compilation_cache_dir = ''  # JAX persistent compilation cache ('' = off).
+
+  return config

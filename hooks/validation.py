@@ -1,0 +1,244 @@
+"""Structure checks for flat states, and regex key matching.
+
+A flat state is a ``dict`` from '/'-joined keys to leaves (see ``hooks.flat``).
+Everything here works on concrete arrays and on abstract
+``jax.ShapeDtypeStruct`` leaves alike, because only shapes and dtypes are
+looked at.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = [
+    'StructureError',
+    'check_structure',
+    'expected_structure',
+    'leaf_struct',
+    'match_keys',
+]
+
+# How many close keys a did-you-mean lists.
+_MAX_SUGGESTIONS = 3
+
+
+def _suggest(key: str, candidates: Iterable[str]) -> list[str]:
+  return difflib.get_close_matches(
+      key, list(candidates), n=_MAX_SUGGESTIONS, cutoff=0.5
+  )
+
+
+def _did_you_mean(key: str, candidates: Iterable[str]) -> str:
+  close = _suggest(key, candidates)
+  if not close:
+    return ''
+  return '  (did you mean ' + ' or '.join(repr(c) for c in close) + '?)'
+
+
+def _fmt(struct: jax.ShapeDtypeStruct) -> str:
+  return f'{tuple(struct.shape)} {np.dtype(struct.dtype).name}'
+
+
+class StructureError(ValueError):
+  """A flat state does not have the keys, shapes or dtypes it should.
+
+  Attributes:
+    missing: Keys the expected structure has and the state lacks.
+    unexpected: Keys the state has and the expected structure lacks.
+    mismatched: Key -> (got, expected) ``ShapeDtypeStruct`` pairs.
+  """
+
+  def __init__(
+      self,
+      missing: Sequence[str] = (),
+      unexpected: Sequence[str] = (),
+      mismatched: Mapping[
+          str, tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]
+      ] = None,
+      *,
+      what: str = 'state',
+  ):
+    self.missing = sorted(missing)
+    self.unexpected = sorted(unexpected)
+    self.mismatched = dict(sorted((mismatched or {}).items()))
+    super().__init__(self._message(what))
+
+  def _message(self, what: str) -> str:
+    counts = (
+        f'{len(self.missing)} missing, {len(self.unexpected)} unexpected, '
+        f'{len(self.mismatched)} mismatched'
+    )
+    lines = [f'The {what} does not match the expected structure ({counts}).']
+    if self.missing:
+      lines.append('Missing keys (expected, not in the state):')
+      lines += [
+          f'  {k}{_did_you_mean(k, self.unexpected)}' for k in self.missing
+      ]
+    if self.unexpected:
+      lines.append('Unexpected keys (in the state, not expected):')
+      lines += [
+          f'  {k}{_did_you_mean(k, self.missing)}' for k in self.unexpected
+      ]
+    if self.mismatched:
+      lines.append('Mismatched keys (got vs expected):')
+      lines += [
+          f'  {k}: got {_fmt(got)}, expected {_fmt(exp)}'
+          for k, (got, exp) in self.mismatched.items()
+      ]
+    lines.append(
+        'Fix: add hooks that rename, resize or reinitialize these keys, or '
+        'change the model/optimizer so the structures agree.'
+    )
+    return '\n'.join(lines)
+
+
+def leaf_struct(leaf: Any) -> jax.ShapeDtypeStruct:
+  """Returns the shape and dtype of one leaf, as JAX would hold it.
+
+  Args:
+    leaf: A ``jax.Array``, ``np.ndarray``, ``jax.ShapeDtypeStruct`` or a Python
+      or numpy scalar.
+
+  Returns:
+    A ``jax.ShapeDtypeStruct``. Dtypes of non-JAX values are canonicalized
+    (a Python ``int`` is ``int32`` unless x64 is enabled), so a checkpoint's
+    numpy leaves compare equal to the live leaves they restore into.
+
+  Raises:
+    TypeError: If ``leaf`` has no shape or dtype.
+  """
+  if isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array)):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+  try:
+    dtype = jax.dtypes.canonicalize_dtype(np.result_type(leaf))
+  except TypeError as e:
+    raise TypeError(
+        f'Leaf {leaf!r} of type {type(leaf).__name__} has no dtype; leaves '
+        'must be arrays, ShapeDtypeStructs or numeric scalars.'
+    ) from e
+  return jax.ShapeDtypeStruct(np.shape(leaf), dtype)
+
+
+def expected_structure(
+    flat: Mapping[str, Any],
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """Returns the shape and dtype of every leaf of a flat state.
+
+  Args:
+    flat: A flat state (key -> array, scalar or ``ShapeDtypeStruct``).
+
+  Returns:
+    Key -> ``jax.ShapeDtypeStruct``, in the order of ``flat``.
+  """
+  return {k: leaf_struct(v) for k, v in flat.items()}
+
+
+def check_structure(
+    flat: Mapping[str, Any],
+    expected: Mapping[str, jax.ShapeDtypeStruct],
+    *,
+    what: str = 'state',
+) -> None:
+  """Checks that a flat state has exactly the expected keys, shapes, dtypes.
+
+  Args:
+    flat: The flat state to check.
+    expected: Key -> ``ShapeDtypeStruct`` (e.g. from ``expected_structure``).
+    what: What ``flat`` is, for the error message.
+
+  Raises:
+    StructureError: Listing every missing, unexpected and mismatched key.
+  """
+  missing = [k for k in expected if k not in flat]
+  unexpected = [k for k in flat if k not in expected]
+  mismatched = {}
+  for k in flat.keys() & expected.keys():
+    got = leaf_struct(flat[k])
+    exp = leaf_struct(expected[k])
+    if tuple(got.shape) != tuple(exp.shape) or got.dtype != exp.dtype:
+      mismatched[k] = (got, exp)
+  if missing or unexpected or mismatched:
+    raise StructureError(missing, unexpected, mismatched, what=what)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+  if not isinstance(pattern, str):
+    raise ValueError(
+        f'Key pattern {pattern!r} must be a string regex, got '
+        f'{type(pattern).__name__}.'
+    )
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(
+        f'Key pattern {pattern!r} is not a valid regex ({e}); escape special '
+        "characters, e.g. r'Dense_0/.*'."
+    ) from e
+
+
+def _no_match_message(pattern: str, keys: Sequence[str]) -> str:
+  hint = ''
+  close = [k for k in keys if re.fullmatch('.*/' + pattern, k)]
+  if close:
+    hint = (
+        ' It matches the end of some keys: patterns match the whole key '
+        '(re.fullmatch), so add the leading part or ".*/".'
+    )
+  else:
+    close = _suggest(pattern, keys) or list(keys)
+  return (
+      f'Key pattern {pattern!r} matches none of the {len(keys)} keys.{hint} '
+      f'Close keys: {close[:_MAX_SUGGESTIONS]}.'
+  )
+
+
+def match_keys(
+    patterns: Sequence[str],
+    keys: Iterable[str],
+    *,
+    allow_empty: bool = False,
+) -> dict[str, int]:
+  """Matches keys against regexes, fully and in order; the first match wins.
+
+  Args:
+    patterns: Regexes, matched with ``re.fullmatch``.
+    keys: The keys to match.
+    allow_empty: Whether a pattern may match no key at all.
+
+  Returns:
+    Matched key -> index of the first pattern that matches it, in the order of
+    ``keys``. Keys no pattern matches are left out.
+
+  Raises:
+    ValueError: If a pattern is not a valid regex, or (unless ``allow_empty``)
+      matches no key; the message names the pattern and lists close keys.
+  """
+  if isinstance(patterns, str):
+    raise ValueError(
+        f'patterns must be a list of regexes, got the string {patterns!r}; '
+        f'write [{patterns!r}].'
+    )
+  compiled = [_compile(p) for p in patterns]
+  keys = list(keys)
+  matched: dict[str, int] = {}
+  used = [False] * len(compiled)
+  for key in keys:
+    first = None
+    for i, regex in enumerate(compiled):
+      if regex.fullmatch(key):
+        used[i] = True
+        if first is None:
+          first = i
+    if first is not None:
+      matched[key] = first
+  if not allow_empty:
+    for pattern, was_used in zip(patterns, used):
+      if not was_used:
+        raise ValueError(_no_match_message(pattern, keys))
+  return matched

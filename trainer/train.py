@@ -1,0 +1,301 @@
+"""Wires data, model, optimizer, steps and checkpoints into a training run."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from trainer import checkpoint
+from trainer import data as data_lib
+from trainer import distributed
+from trainer import models
+from trainer import optimizers
+from trainer import resume
+from trainer import steps
+from trainer import validation
+from trainer import workdir as workdir_lib
+from trainer.errors import CheckpointError
+from trainer.errors import ConfigError
+
+TrainState = train_state.TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run needs before its first step: all checked, nothing written."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  topology: distributed.Topology
+  data: data_lib.Data
+  num_train_steps: int
+  model: flax.linen.Module
+  tx: optax.GradientTransformation
+  latest_step: int | None
+
+
+def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
+  """config.num_train_steps, or num_epochs full epochs of the train split."""
+  if config.num_train_steps is not None:
+    return config.num_train_steps
+  return config.num_epochs * max(1, train_size // config.batch_size)
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+  """Checks the config, the workdir, a stored checkpoint and the data.
+
+  Writes nothing: every bad input fails here.
+
+  Args:
+    config: the run config.
+    workdir: the run's workdir.
+
+  Returns:
+    The checked setup.
+
+  Raises:
+    TrainerError: a bad config, workdir, data source or checkpoint.
+  """
+  validation.validate(config)
+  topology = distributed.topology()
+  distributed.check_divisible('batch_size', config.batch_size,
+                              topology.device_count)
+  distributed.check_divisible('eval_batch_size', config.eval_batch_size,
+                              topology.device_count)
+  workdir_lib.check_writable(workdir)
+  latest = checkpoint.latest_step(workdir)
+  stored_meta = None
+  if latest is not None:
+    ckpt_dir = checkpoint.directory(workdir)
+    stored = checkpoint.read_json(ckpt_dir, latest, 'config')
+    for field, old, new in resume.check(
+        stored, resume.to_json_dict(config), f'{ckpt_dir}/{latest}'):
+      logging.info('Resume: config.%s changes from %r to %r.', field, old, new)
+    stored_meta = checkpoint.read_json(ckpt_dir, latest, 'meta')
+  data = data_lib.load(config.data_source, config.data_dir, config.classes)
+  if stored_meta and stored_meta['data_source'] != data.source:
+    raise CheckpointError(
+        f'the checkpoint in {workdir} was trained on data_source='
+        f'{stored_meta["data_source"]!r}, but this run resolves to '
+        f'{data.source!r}; set --config.data_source={stored_meta["data_source"]}'
+        ' or use a new --workdir.')
+  steps_total = num_train_steps(config, data.train.size)
+  if data_lib.steps_per_epoch(data.train, config.batch_size) < 1:
+    raise ConfigError(
+        f'config.batch_size={config.batch_size} is larger than the train split '
+        f'({data.train.size} examples); use a smaller batch.')
+  model = models.create(config.model.name, validation.num_classes(config))
+  tx = optimizers.create(config.optimizer, steps_total)
+  return Setup(config=config, workdir=workdir, topology=topology, data=data,
+               num_train_steps=steps_total, model=model, tx=tx,
+               latest_step=latest)
+
+
+def _init_state(model: flax.linen.Module, tx: optax.GradientTransformation,
+                rng: jax.Array) -> TrainState:
+  return TrainState.create(apply_fn=model.apply,
+                           params=models.init_params(model, rng), tx=tx)
+
+
+def abstract_state(setup: Setup) -> TrainState:
+  """The TrainState's shapes, dtypes and shardings, with no memory allocated."""
+  shapes = jax.eval_shape(functools.partial(_init_state, setup.model, setup.tx),
+                          jax.random.key(setup.config.seed))
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                     sharding=setup.topology.replicated),
+      shapes)
+
+
+def initial_state(setup: Setup) -> TrainState:
+  """The fresh TrainState of the run's seed, replicated over the mesh."""
+  init = jax.jit(functools.partial(_init_state, setup.model, setup.tx),
+                 out_shardings=setup.topology.replicated)
+  return init(jax.random.key(setup.config.seed))
+
+
+def _meta(setup: Setup) -> dict[str, Any]:
+  return {'classes': list(setup.config.classes),
+          'data_source': setup.data.source,
+          'model': setup.config.model.name}
+
+
+def evaluate(eval_fn: Any, state: TrainState, split: data_lib.Split,
+             batch_size: int, topology: distributed.Topology
+             ) -> dict[str, float]:
+  """Loss and accuracy over the whole split (padded last batch masked)."""
+  total = None
+  for batch in data_lib.eval_batches(split, batch_size):
+    batch_metrics = eval_fn(state, distributed.shard_batch(batch,
+                                                           topology.batch))
+    total = batch_metrics if total is None else total.merge(batch_metrics)
+  return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
+
+
+class Preemption(contextlib.AbstractContextManager):
+  """Turns SIGTERM into a request to checkpoint and stop after this step."""
+
+  def __init__(self):
+    self._requested = threading.Event()
+    self._previous = None
+
+  def __enter__(self) -> 'Preemption':
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint after this step, then '
+                    'stopping.')
+    self._requested.set()
+
+  def requested(self) -> bool:
+    return self._requested.is_set()
+
+  def __exit__(self, *exc: Any) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _progress_bar(setting: str, total: int, initial: int) -> Any:
+  if setting == 'off' or (setting == 'auto' and not sys.stdout.isatty()):
+    return None
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
+
+
+def _versions() -> dict[str, str]:
+  return {'jax': jax.__version__, 'jaxlib': jax.lib.__version__,
+          'flax': flax.__version__, 'optax': optax.__version__}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains and evaluates as `config` says; resumes a checkpoint in `workdir`.
+
+  Args:
+    config: the run config.
+    workdir: where checkpoints, TensorBoard events and summary.json go.
+
+  Returns:
+    The summary that is also written to `workdir/summary.json`.
+  """
+  setup = prepare(config, workdir)
+  if setup.latest_step is None:
+    state, start_step = initial_state(setup), 0
+  else:
+    state = checkpoint.restore(checkpoint.directory(workdir),
+                               setup.latest_step, abstract_state(setup))
+    start_step = setup.latest_step
+    logging.info('Resuming from %s at step %d.',
+                 checkpoint.directory(workdir), start_step)
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  manager = checkpoint.writer(workdir, config.keep_checkpoints)
+  stored_config = resume.to_json_dict(config)
+  save = functools.partial(checkpoint.save, manager, config=stored_config,
+                           meta=_meta(setup))
+  if setup.latest_step is None:
+    save(0, state)
+  state, stats = _train_loop(setup, state, start_step, writer, save)
+  summary = {
+      'data_source': setup.data.source,
+      'train_size': setup.data.train.size, 'test_size': setup.data.test.size,
+      'classes': list(config.classes), 'steps': stats['step'],
+      'steps_this_run': stats['steps_run'],
+      'final_eval_loss': stats['eval']['loss'],
+      'final_eval_accuracy': stats['eval']['accuracy'],
+      'train_examples_per_sec': stats['examples_per_sec'],
+      'preempted': stats['preempted'],
+      'versions': _versions(),
+      'device_kind': jax.devices()[0].device_kind,
+      'device_count': jax.device_count(),
+      'process_count': jax.process_count(),
+  }
+  if jax.process_index() == 0:
+    workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+  writer.flush()
+  manager.close()
+  return summary
+
+
+def _train_loop(setup: Setup, state: TrainState, start_step: int,
+                writer: Any, save: Any) -> tuple[TrainState, dict[str, Any]]:
+  """Runs steps start_step..num_train_steps; evaluates and saves on schedule."""
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  config, topology = setup.config, setup.topology
+  train_fn = jax.jit(steps.train_step, donate_argnums=(0,),
+                     out_shardings=topology.replicated)
+  eval_fn = jax.jit(steps.eval_step, out_shardings=topology.replicated)
+  batches: Iterator[dict[str, np.ndarray]] = data_lib.train_batches(
+      setup.data.train, config.batch_size, config.seed, start_step)
+  report = periodic_actions.ReportProgress(
+      num_train_steps=setup.num_train_steps, writer=writer)
+  bar = _progress_bar(config.progress_bar, setup.num_train_steps, start_step)
+  run_eval = functools.partial(evaluate, eval_fn, split=setup.data.test,
+                               batch_size=config.eval_batch_size,
+                               topology=topology)
+  train_metrics, eval_metrics, eval_step = None, None, None
+  step, paused, t_start, preempted = start_step, 0.0, None, False
+  with Preemption() as preemption:
+    while step < setup.num_train_steps and not preempted:
+      batch = distributed.shard_batch(next(batches), topology.batch)
+      state, metrics = train_fn(state, batch)
+      step += 1
+      if t_start is None:  # Time the steady state, not the first compile.
+        jax.block_until_ready(state)
+        t_start = time.perf_counter()
+      train_metrics = (metrics if train_metrics is None
+                       else train_metrics.merge(metrics))
+      report(step)
+      if bar is not None:
+        bar.update(1)
+      t_pause = time.perf_counter()
+      if step % config.log_every_steps == 0 or step == setup.num_train_steps:
+        writer.write_scalars(step, {
+            f'train_{k}': float(v)
+            for k, v in jax.device_get(train_metrics.compute()).items()})
+        train_metrics = None
+      if step % config.eval_every_steps == 0 or step == setup.num_train_steps:
+        with report.timed('eval'):
+          eval_metrics, eval_step = run_eval(state), step
+        writer.write_scalars(step, {f'eval_{k}': v
+                                    for k, v in eval_metrics.items()})
+        logging.info('step %d: eval accuracy %.4f, loss %.4f', step,
+                     eval_metrics['accuracy'], eval_metrics['loss'])
+      preempted = preemption.requested()
+      if (step % config.checkpoint_every_steps == 0 or preempted
+          or step == setup.num_train_steps):
+        with report.timed('checkpoint'):
+          save(step, state, metrics=(
+              {'accuracy': eval_metrics['accuracy']}
+              if eval_step == step else None))
+      paused += time.perf_counter() - t_pause
+  if bar is not None:
+    bar.close()
+  jax.block_until_ready(state)
+  steps_run = step - start_step
+  examples_per_sec = None
+  if steps_run > 1:
+    elapsed = time.perf_counter() - t_start - paused
+    examples_per_sec = (steps_run - 1) * config.batch_size / max(elapsed, 1e-9)
+  if eval_step != step:
+    eval_metrics = run_eval(state)
+  return state, {'step': step, 'steps_run': steps_run, 'eval': eval_metrics,
+                 'examples_per_sec': examples_per_sec, 'preempted': preempted}
