@@ -308,8 +308,8 @@ def run_hooks(
   """Runs hooks in order over a flat state and checks the result.
 
   All entries are built before any hook runs, so a bad entry fails fast.
-  Each hook gets a shallow copy of the state, its own rng and report; its
-  report is merged into ``ctx.report`` only when it succeeds. The result
+  Each hook gets a shallow copy of the state, its own rng and report; the
+  reports reach ``ctx.report`` only when every hook succeeded. The result
   is checked against ``ctx.expected`` after the last hook (pre-restore: a
   foreign checkpoint may differ until then), or after every hook when
   ``validate_each`` (post-init: the input already has the structure).
@@ -331,6 +331,7 @@ def run_hooks(
   hooks = [_named(entry) for entry in hook_entries]
   fresh = _once(ctx.fresh)
   current = dict(flat)
+  run_report = Report()  # Reaches ctx.report only if every hook succeeds.
   for index, (name, hook_fn) in enumerate(hooks):
     report = Report()
     hook_ctx = dataclasses.replace(
@@ -348,11 +349,12 @@ def run_hooks(
       validation.check_structure(
           result, ctx.expected, what=f'state after hook #{index} {name!r}'
       )
-    ctx.report.merge(report, hook=name)
+    run_report.merge(report, hook=name)
     current = result
   if not validate_each or not hooks:
     validation.check_structure(
         current, ctx.expected, what='state after the last hook'
     )
-  ctx.report.finalize(current)
+  run_report.finalize(current)
+  ctx.report.merge(run_report)
   return current

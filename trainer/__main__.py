@@ -82,7 +82,7 @@ def main(argv: Sequence[str]) -> int:
   """
   try:
     values = parse_flags(argv)
-  except flags.Error as e:
+  except (flags.Error, KeyError) as e:  # ml_collections raises KeyError.
     print(f'error: {e}', file=sys.stderr)
     return 2
   _setup_logging()

@@ -99,6 +99,32 @@ def stored_structure(ckpt_dir: str,
           for key, leaf in hooks.flatten(metadata).items()}
 
 
+def read_raw(ckpt_dir: str, step: int,
+             sharding: jax.sharding.Sharding | None = None) -> Any:
+  """Reads a stored state as the nested dicts and lists it was saved as.
+
+  Works whatever topology wrote the checkpoint: every array is placed with
+  `sharding` (default: on the first local device).
+
+  Args:
+    ckpt_dir: a checkpoints directory.
+    step: the step to read.
+    sharding: where to put the arrays.
+
+  Returns:
+    The raw state tree (no TrainState, no optax types).
+  """
+  sharding = sharding or jax.sharding.SingleDeviceSharding(
+      jax.local_devices()[0])
+  manager = reader(ckpt_dir)
+  metadata = manager.item_metadata(step)['state']
+  target = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype,
+                                        sharding=sharding), metadata)
+  return manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))['state']
+
+
 def restore(ckpt_dir: str, step: int, target: Any,
             pre_restore: Callable[[FlatState], FlatState] | None = None
             ) -> Any:
@@ -134,9 +160,7 @@ def restore(ckpt_dir: str, step: int, target: Any,
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))
     return restored['state']
-  raw = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
-  flat = pre_restore(hooks.flatten_raw(raw))
+  flat = pre_restore(hooks.flatten_raw(read_raw(ckpt_dir, step)))
   try:
     hooks.check_structure(flat, expected)
   except hooks.StructureError as e:

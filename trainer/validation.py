@@ -61,9 +61,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'eval_every_steps', 'checkpoint_every_steps',
                 'keep_checkpoints'):
     _positive_int(config, field)
-  if config.num_train_steps is None:
-    _positive_int(config, 'num_epochs')
-  else:
+  _positive_int(config, 'num_epochs')
+  if config.num_train_steps is not None:
     _positive_int(config, 'num_train_steps')
   _require(isinstance(config.seed, int) and config.seed >= 0, 'seed',
            config.seed, 'use an integer >= 0')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -32,10 +33,16 @@ class TinyCNN(nn.Module):
 IMAGE_SHAPE = (8, 8, 1)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _init(seed: jax.Array, num_classes: int) -> Any:
+  model = TinyCNN(num_classes)
+  return model.init(jax.random.key(seed), jnp.ones((1, *IMAGE_SHAPE)))['params']
+
+
+@functools.lru_cache(maxsize=None)
 def init_params(seed: int = 0, num_classes: int = 5) -> Any:
-  return TinyCNN(num_classes).init(
-      jax.random.key(seed), jnp.ones((1, *IMAGE_SHAPE))
-  )['params']
+  """Cached and compiled once: eager init is slow on CPU."""
+  return _init(jnp.asarray(seed), num_classes)
 
 
 def make_state(
@@ -50,6 +57,7 @@ def make_state(
   )
 
 
+@functools.lru_cache(maxsize=None)
 def batch(seed: int = 0, n: int = 4, num_classes: int = 5):
   kx, ky = jax.random.split(jax.random.key(seed + 1000))
   return (
@@ -70,3 +78,7 @@ def train_step(state: train_state.TrainState, images, labels):
 
 def abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+# Compiled once per state structure; eager conv gradients are slow on CPU.
+jitted_train_step = jax.jit(train_step)

@@ -22,7 +22,7 @@ from hooks import validation
 from tests.hooks import helpers
 
 SETTINGS = hypothesis.settings(
-    max_examples=40,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )

@@ -6,7 +6,6 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 import hooks
 from trainer import checkpoint
@@ -18,10 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 def final_state(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
   """The flat state of a workdir's latest (or given) checkpoint, as numpy."""
   ckpt_dir = checkpoint.directory(workdir)
-  manager = checkpoint.reader(ckpt_dir)
-  step = manager.latest_step() if step is None else step
-  raw = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
+  step = checkpoint.latest_step(workdir) if step is None else step
+  raw = checkpoint.read_raw(ckpt_dir, step)
   return {k: np.asarray(v) for k, v in hooks.flatten_raw(raw).items()}
 
 
