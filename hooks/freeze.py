@@ -36,7 +36,9 @@ FROZEN = 'frozen'
 
 # The path multi_transform puts above a partition's state: the part of a slot
 # key that changes when a param moves between our two partitions.
-_PARTITION = re.compile(rf'(?:^|(?<=/))inner_states/(?:{TRAINABLE}|{FROZEN})/inner_state/')
+_PARTITION = re.compile(
+    rf'(?:^|(?<=/))inner_states/(?:{TRAINABLE}|{FROZEN})/inner_state/'
+)
 _OPT_STATE = 'opt_state/'
 
 
@@ -188,7 +190,11 @@ class FreezeSchedule:
 def _strip_opt_state(flat: Mapping[str, Any]) -> dict[str, Any]:
   # A whole flat TrainState: keep its optimizer part.
   if any(k.startswith(_OPT_STATE) for k in flat):
-    return {k[len(_OPT_STATE):]: v for k, v in flat.items() if k.startswith(_OPT_STATE)}
+    return {
+        k[len(_OPT_STATE):]: v
+        for k, v in flat.items()
+        if k.startswith(_OPT_STATE)
+    }
   return dict(flat)
 
 
@@ -219,7 +225,10 @@ def carry_opt_state(
   Raises:
     ValueError: If a carried leaf's shape differs from the fresh one.
   """
-  old = {_PARTITION.sub('', k): v for k, v in _strip_opt_state(old_flat_opt_state).items()}
+  old = {
+      _PARTITION.sub('', k): v
+      for k, v in _strip_opt_state(old_flat_opt_state).items()
+  }
   new_state = new_tx.init(params)
   new_flat = flat_lib.flatten(new_state)
   out = {}

@@ -58,7 +58,9 @@ def scale_by_adam(
     return ScaleByAdamState(
         mu=optax.tree.zeros_like(params),
         nu=optax.tree.zeros_like(params),
-        count=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.int32), params),
+        count=jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p), jnp.int32), params
+        ),
     )
 
   def update_fn(

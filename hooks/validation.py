@@ -58,9 +58,10 @@ class StructureError(ValueError):
       self,
       missing: Sequence[str] = (),
       unexpected: Sequence[str] = (),
-      mismatched: Mapping[
-          str, tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]
-      ] = None,
+      mismatched: (
+          Mapping[str, tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]]
+          | None
+      ) = None,
       *,
       what: str = 'state',
   ):

@@ -7,7 +7,9 @@ Several hosts: pass --coordinator_address, --num_processes and --process_id
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -18,6 +20,50 @@ from ml_collections import config_flags
 from trainer import distributed
 from trainer import train
 from trainer.errors import TrainerError
+
+
+# config_flags cannot index lists; hook entries are lists of ConfigDicts.
+_HOOK_OVERRIDE = re.compile(
+    r'--config\.hooks\.(?P<phase>\w+)\[(?P<index>-?\d+)\]\.(?P<field>\w+)'
+    r'=(?P<value>.*)', re.DOTALL)
+
+
+def _parse_value(text: str, current: Any) -> Any:
+  if isinstance(current, str):
+    return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return text
+    raise flags.Error(f'cannot parse {text!r} as a {type(current).__name__}')
+
+
+def apply_hook_overrides(config: Any, overrides: Sequence[str]) -> None:
+  """Applies `--config.hooks.PHASE[I].FIELD=VALUE` to the config's hook lists.
+
+  Args:
+    config: the parsed config.
+    overrides: the matching command-line arguments.
+
+  Raises:
+    flags.Error: an unknown phase or an index out of range.
+  """
+  for arg in overrides:
+    match = _HOOK_OVERRIDE.fullmatch(arg)
+    phase, index = match['phase'], int(match['index'])
+    if phase not in config.hooks:
+      raise flags.Error(f'{arg}: unknown hook phase {phase!r}; use one of '
+                        f'{sorted(config.hooks.keys())}')
+    entries = config.hooks[phase]
+    if not 0 <= index < len(entries):
+      raise flags.Error(
+          f'{arg}: index {index} is out of range: config.hooks.{phase} has '
+          f'{len(entries)} entries' + (f' (0..{len(entries) - 1})'
+                                       if entries else ''))
+    entry, field = entries[index], match['field']
+    with entry.unlocked():
+      entry[field] = _parse_value(match['value'], entry.get(field))
 
 
 def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
@@ -32,7 +78,8 @@ def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
   Raises:
     flags.Error: an unknown flag or config key, or a value of the wrong type.
   """
-  argv = list(argv)
+  hook_overrides = [a for a in argv if _HOOK_OVERRIDE.fullmatch(a)]
+  argv = [a for a in argv if not _HOOK_OVERRIDE.fullmatch(a)]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file(
       'config', None, 'Training config file (configs/*.py).',
@@ -51,6 +98,7 @@ def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
   values(argv)
   if values.config is None:
     raise flags.Error('--config is required, e.g. --config=configs/default.py')
+  apply_hook_overrides(values.config, hook_overrides)
   return values
 
 
