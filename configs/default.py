@@ -53,4 +53,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.progress_bar = 'auto'  # 'auto' (when stdout is a terminal) | 'on' | 'off'.
   config.compilation_cache_dir = ''  # JAX persistent compilation cache ('' = off).
 
+  # Surgery: hooks edit a flat '/'-keyed view of params and optimizer state.
+  # A checkpoint to start from when the workdir has none of its own: another
+  # run's workdir, one of its step directories, or a legacy flax msgpack file.
+  config.init_from = ''
+  config.hooks = ml_collections.ConfigDict()
+  # Run on a fresh state before step 0: entries {'name': ..., **params}.
+  config.hooks.post_init = []
+  # Run on init_from's checkpoint before it is restored into this run's state.
+  config.hooks.pre_restore = []
+  config.freeze = ml_collections.ConfigDict()
+  # Regexes over param paths (e.g. 'Conv_.*') frozen from step 0.
+  config.freeze.patterns = ()
+  # Empty: frozen throughout; else one step per pattern, when it unfreezes.
+  config.freeze.unfreeze_steps = ()
+
   return config

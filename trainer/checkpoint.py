@@ -125,22 +125,24 @@ def read_raw(ckpt_dir: str, step: int,
       state=ocp.args.StandardRestore(target)))['state']
 
 
-def restore(ckpt_dir: str, step: int, target: Any,
+def restore(target: Any, source: str | hooks.DonorReader,
+            step: int | None = None,
             pre_restore: Callable[[FlatState], FlatState] | None = None
             ) -> Any:
-  """Restores a TrainState from a checkpoint step: the one way in.
+  """Restores a TrainState: the one way a checkpoint enters a run.
 
-  Without `pre_restore` the stored structure must equal the target's (keys,
-  shapes, dtypes) and the state is read straight into the target's layout.
-  With it, the checkpoint is read without a target, flattened, passed through
-  `pre_restore` (the pre_restore hooks), checked against the target's
-  structure, and unflattened into it.
+  A run's own checkpoint (`source` is its checkpoints directory) must have
+  the target's structure (keys, shapes, dtypes, checked from metadata first)
+  and is read straight into the target's layout. A checkpoint from elsewhere
+  (`source` is a donor reader: another run's, or a legacy flax file) is read
+  flat, passed through `pre_restore` (the pre_restore hooks), checked against
+  the target's structure, and unflattened into it.
 
   Args:
-    ckpt_dir: a checkpoints directory (`<workdir>/checkpoints`).
-    step: the step to restore.
     target: the abstract TrainState (ShapeDtypeStructs with shardings).
-    pre_restore: an edit of the flat checkpoint before it is restored.
+    source: a checkpoints directory, or a reader over a foreign checkpoint.
+    step: the step to restore from a checkpoints directory.
+    pre_restore: an edit of a foreign flat checkpoint before it is restored.
 
   Returns:
     The restored TrainState, placed like `target`.
@@ -149,25 +151,27 @@ def restore(ckpt_dir: str, step: int, target: Any,
     CheckpointError: the checkpoint does not fit the target.
   """
   expected = hooks.expected_structure(hooks.flatten(target))
-  manager = reader(ckpt_dir)
-  if pre_restore is None:
-    try:
-      hooks.check_structure(stored_structure(ckpt_dir, step), expected)
-    except hooks.StructureError as e:
-      raise CheckpointError(
-          f'checkpoint {ckpt_dir}/{step} does not fit the state this config '
-          f'builds:\n{e}') from e
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
-    return restored['state']
-  flat = pre_restore(hooks.flatten_raw(read_raw(ckpt_dir, step)))
+  if isinstance(source, str):
+    where = f'checkpoint {source}/{step}'
+    _check(stored_structure(source, step), expected, where)
+    return reader(source).restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))['state']
+  flat = source.read(sorted(source.structure()))
+  if pre_restore is not None:
+    flat = pre_restore(flat)
+  _check(flat, expected, f'checkpoint {source.path} after the pre_restore '
+         'hooks')
+  shardings = {k: v.sharding for k, v in hooks.flatten(target).items()}
+  placed = {k: jax.device_put(v, shardings[k]) for k, v in flat.items()}
+  logging.info('Restored %s through %s.', source.path,
+               'pre_restore hooks' if pre_restore else 'a structure check')
+  return hooks.unflatten(placed, target)
+
+
+def _check(flat: FlatState, expected: dict[str, jax.ShapeDtypeStruct],
+           where: str) -> None:
   try:
     hooks.check_structure(flat, expected)
   except hooks.StructureError as e:
-    raise CheckpointError(
-        f'after the pre_restore hooks, checkpoint {ckpt_dir}/{step} does not '
-        f'fit the state this config builds:\n{e}') from e
-  shardings = {k: v.sharding for k, v in hooks.flatten(target).items()}
-  placed = {k: jax.device_put(v, shardings[k]) for k, v in flat.items()}
-  logging.info('Restored %s/%d through pre_restore hooks.', ckpt_dir, step)
-  return hooks.unflatten(placed, target)
+    raise CheckpointError(f'{where} does not fit the state this config '
+                          f'builds:\n{e}') from e

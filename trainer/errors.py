@@ -19,3 +19,7 @@ class WorkdirError(TrainerError):
 
 class CheckpointError(TrainerError):
   """A checkpoint cannot be restored into the current run."""
+
+
+class SurgeryError(TrainerError):
+  """A hook failed or left a state that does not fit the run."""

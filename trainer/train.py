@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import signal
@@ -23,115 +22,21 @@ import optax
 from trainer import checkpoint
 from trainer import data as data_lib
 from trainer import distributed
-from trainer import models
-from trainer import optimizers
 from trainer import resume
+from trainer import setup as setup_lib
 from trainer import steps
-from trainer import validation
+from trainer import surgery
 from trainer import workdir as workdir_lib
-from trainer.errors import CheckpointError
-from trainer.errors import ConfigError
 
 TrainState = train_state.TrainState
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What a run needs before its first step: all checked, nothing written."""
-  config: ml_collections.ConfigDict
-  workdir: str
-  topology: distributed.Topology
-  data: data_lib.Data
-  num_train_steps: int
-  model: flax.linen.Module
-  tx: optax.GradientTransformation
-  latest_step: int | None
-
-
-def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
-  """config.num_train_steps, or num_epochs full epochs of the train split."""
-  if config.num_train_steps is not None:
-    return config.num_train_steps
-  return config.num_epochs * max(1, train_size // config.batch_size)
-
-
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-  """Checks the config, the workdir, a stored checkpoint and the data.
-
-  Writes nothing: every bad input fails here.
-
-  Args:
-    config: the run config.
-    workdir: the run's workdir.
-
-  Returns:
-    The checked setup.
-
-  Raises:
-    TrainerError: a bad config, workdir, data source or checkpoint.
-  """
-  validation.validate(config)
-  topology = distributed.topology()
-  distributed.check_divisible('batch_size', config.batch_size,
-                              topology.device_count)
-  distributed.check_divisible('eval_batch_size', config.eval_batch_size,
-                              topology.device_count)
-  workdir_lib.check_writable(workdir)
-  latest = checkpoint.latest_step(workdir)
-  stored_meta = None
-  if latest is not None:
-    ckpt_dir = checkpoint.directory(workdir)
-    stored = checkpoint.read_json(ckpt_dir, latest, 'config')
-    for field, old, new in resume.check(
-        stored, resume.to_json_dict(config), f'{ckpt_dir}/{latest}'):
-      logging.info('Resume: config.%s changes from %r to %r.', field, old, new)
-    stored_meta = checkpoint.read_json(ckpt_dir, latest, 'meta')
-  data = data_lib.load(config.data_source, config.data_dir, config.classes)
-  if stored_meta and stored_meta['data_source'] != data.source:
-    raise CheckpointError(
-        f'the checkpoint in {workdir} was trained on data_source='
-        f'{stored_meta["data_source"]!r}, but this run resolves to '
-        f'{data.source!r}; set --config.data_source={stored_meta["data_source"]}'
-        ' or use a new --workdir.')
-  steps_total = num_train_steps(config, data.train.size)
-  if data_lib.steps_per_epoch(data.train, config.batch_size) < 1:
-    raise ConfigError(
-        f'config.batch_size={config.batch_size} is larger than the train split '
-        f'({data.train.size} examples); use a smaller batch.')
-  model = models.create(config.model.name, validation.num_classes(config))
-  tx = optimizers.create(config.optimizer, steps_total)
-  return Setup(config=config, workdir=workdir, topology=topology, data=data,
-               num_train_steps=steps_total, model=model, tx=tx,
-               latest_step=latest)
-
-
-def _init_state(model: flax.linen.Module, tx: optax.GradientTransformation,
-                rng: jax.Array) -> TrainState:
-  return TrainState.create(apply_fn=model.apply,
-                           params=models.init_params(model, rng), tx=tx)
-
-
-def abstract_state(setup: Setup) -> TrainState:
-  """The TrainState's shapes, dtypes and shardings, with no memory allocated."""
-  shapes = jax.eval_shape(functools.partial(_init_state, setup.model, setup.tx),
-                          jax.random.key(setup.config.seed))
-  return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                     sharding=setup.topology.replicated),
-      shapes)
-
-
-def initial_state(setup: Setup) -> TrainState:
-  """The fresh TrainState of the run's seed, replicated over the mesh."""
-  init = jax.jit(functools.partial(_init_state, setup.model, setup.tx),
-                 out_shardings=setup.topology.replicated)
-  return init(jax.random.key(setup.config.seed))
-
-
-def _meta(setup: Setup) -> dict[str, Any]:
+def _meta(setup: setup_lib.Setup,
+          surgery_record: dict[str, Any]) -> dict[str, Any]:
   return {'classes': list(setup.config.classes),
           'data_source': setup.data.source,
-          'model': setup.config.model.name}
+          'model': setup.config.model.name,
+          'surgery': surgery_record}
 
 
 def evaluate(eval_fn: Any, state: TrainState, split: data_lib.Split,
@@ -195,24 +100,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns:
     The summary that is also written to `workdir/summary.json`.
   """
-  setup = prepare(config, workdir)
+  setup = setup_lib.prepare(config, workdir)
   if setup.latest_step is None:
-    state, start_step = initial_state(setup), 0
+    state, record, report = surgery.start(setup)
+    start_step = int(state.step)
+    state = setup_lib.enter_phase(setup, state, start_step)
   else:
-    state = checkpoint.restore(checkpoint.directory(workdir),
-                               setup.latest_step, abstract_state(setup))
     start_step = setup.latest_step
-    logging.info('Resuming from %s at step %d.',
-                 checkpoint.directory(workdir), start_step)
+    ckpt_dir = checkpoint.directory(workdir)
+    state = checkpoint.restore(setup_lib.abstract_state(setup, start_step),
+                               ckpt_dir, start_step)
+    record = checkpoint.read_json(ckpt_dir, start_step, 'meta')['surgery']
+    report = None
+    logging.info('Resuming from %s at step %d; hooks are not run again.',
+                 ckpt_dir, start_step)
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   manager = checkpoint.writer(workdir, config.keep_checkpoints)
-  stored_config = resume.to_json_dict(config)
-  save = functools.partial(checkpoint.save, manager, config=stored_config,
-                           meta=_meta(setup))
+  save = functools.partial(checkpoint.save, manager,
+                           config=resume.to_json_dict(config),
+                           meta=_meta(setup, record))
   if setup.latest_step is None:
-    save(0, state)
+    if report is not None and jax.process_index() == 0:
+      surgery.write_report(workdir, report)
+    save(start_step, state)
   state, stats = _train_loop(setup, state, start_step, writer, save)
   summary = {
       'data_source': setup.data.source,
@@ -235,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return summary
 
 
-def _train_loop(setup: Setup, state: TrainState, start_step: int,
+def _train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
                 writer: Any, save: Any) -> tuple[TrainState, dict[str, Any]]:
   """Runs steps start_step..num_train_steps; evaluates and saves on schedule."""
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
@@ -255,6 +167,8 @@ def _train_loop(setup: Setup, state: TrainState, start_step: int,
   step, paused, t_start, preempted = start_step, 0.0, None, False
   with Preemption() as preemption:
     while step < setup.num_train_steps and not preempted:
+      if step in setup.freeze.boundaries:
+        state = setup_lib.enter_phase(setup, state, step)
       batch = distributed.shard_batch(next(batches), topology.batch)
       state, metrics = train_fn(state, batch)
       step += 1

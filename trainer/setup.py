@@ -1,0 +1,244 @@
+"""Everything a run needs before its first step, checked up front.
+
+`prepare` validates the config, the workdir, a stored checkpoint, the hooks
+and the freeze schedule, and loads the data; it writes nothing, so every bad
+input fails here. The state helpers build the TrainState of a run for the
+freeze phase of a given step, concretely or abstractly (no memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import ml_collections
+import optax
+
+import hooks
+from trainer import checkpoint
+from trainer import data as data_lib
+from trainer import distributed
+from trainer import models
+from trainer import optimizers
+from trainer import resume
+from trainer import validation
+from trainer import workdir as workdir_lib
+from trainer.errors import CheckpointError
+from trainer.errors import ConfigError
+
+TrainState = train_state.TrainState
+HOOK_PHASES = ('post_init', 'pre_restore')
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A checked run: config, devices, data, model and optimizer."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  topology: distributed.Topology
+  data: data_lib.Data | None
+  num_train_steps: int
+  model: flax.linen.Module
+  tx: optax.GradientTransformation  # Before freezing.
+  freeze: hooks.FreezeSchedule
+  latest_step: int | None
+
+  @functools.cached_property
+  def abstract_params(self) -> Any:
+    return jax.eval_shape(functools.partial(models.init_params, self.model),
+                          jax.random.key(self.config.seed))
+
+  @functools.cached_property
+  def _phase_txs(self) -> dict[int, optax.GradientTransformation]:
+    # One object per phase: the jitted step retraces only when it changes.
+    txs = {-1: self.tx}
+    for index, (start, _) in enumerate(self.freeze.phases):
+      txs[index] = self.freeze.tx_at(start, self.tx, self.abstract_params)
+    return txs
+
+  def tx_at(self, step: int) -> optax.GradientTransformation:
+    """The optimizer of the freeze phase that `step` is in."""
+    return self._phase_txs[self.freeze.phase_index(step)]
+
+
+def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
+  """config.num_train_steps, or num_epochs full epochs of the train split."""
+  if config.num_train_steps is not None:
+    return config.num_train_steps
+  return config.num_epochs * max(1, train_size // config.batch_size)
+
+
+def hook_entries(config: ml_collections.ConfigDict,
+                 phase: str) -> list[dict[str, Any]]:
+  """The config's hook list for `phase` as plain dicts."""
+  return [dict(entry.to_dict()) if hasattr(entry, 'to_dict') else dict(entry)
+          for entry in config.hooks[phase]]
+
+
+def _check_hooks(config: ml_collections.ConfigDict) -> None:
+  unknown_phases = sorted(set(config.hooks.keys()) - set(HOOK_PHASES))
+  if unknown_phases:
+    raise ConfigError(f'config.hooks has unknown phases {unknown_phases}; '
+                      f'use {list(HOOK_PHASES)}.')
+  for phase in HOOK_PHASES:
+    for index, entry in enumerate(hook_entries(config, phase)):
+      try:
+        hooks.build(entry)
+      except (KeyError, ValueError, TypeError, ImportError,
+              AttributeError) as e:
+        raise ConfigError(f'config.hooks.{phase}[{index}]: {e}') from e
+  if config.hooks.pre_restore and not config.init_from:
+    raise ConfigError('config.hooks.pre_restore runs on the checkpoint named '
+                      'by config.init_from, which is empty; set '
+                      '--config.init_from or move the hooks to post_init.')
+
+
+def freeze_schedule(config: ml_collections.ConfigDict) -> hooks.FreezeSchedule:
+  """The freeze schedule from config.freeze.patterns and unfreeze_steps.
+
+  Args:
+    config: the run config.
+
+  Returns:
+    Pattern i is frozen from step 0 until unfreeze_steps[i] (for ever when
+    unfreeze_steps is empty).
+
+  Raises:
+    ConfigError: unfreeze_steps does not give one positive step per pattern.
+  """
+  patterns = tuple(config.freeze.patterns)
+  steps = tuple(config.freeze.unfreeze_steps)
+  if not patterns:
+    if steps:
+      raise ConfigError(f'config.freeze.unfreeze_steps={steps} needs '
+                        'config.freeze.patterns to unfreeze.')
+    return hooks.FreezeSchedule()
+  if steps and (len(steps) != len(patterns)
+                or not all(isinstance(s, int) and s > 0 for s in steps)):
+    raise ConfigError(
+        f'config.freeze.unfreeze_steps={steps} must give one step > 0 for '
+        f'each of the {len(patterns)} patterns {patterns}, or be empty.')
+  phases = {0: list(patterns)}
+  for boundary in sorted(set(steps)):
+    phases[boundary] = [p for p, s in zip(patterns, steps) if s > boundary]
+  try:
+    return hooks.FreezeSchedule.parse(phases)
+  except ValueError as e:
+    raise ConfigError(f'config.freeze: {e}') from e
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, *,
+            load_data: bool = True) -> Setup:
+  """Checks the config, the workdir, a stored checkpoint and the data.
+
+  Writes nothing: every bad input fails here.
+
+  Args:
+    config: the run config.
+    workdir: the run's workdir.
+    load_data: load the data (a dry run does not need it).
+
+  Returns:
+    The checked setup.
+
+  Raises:
+    TrainerError: a bad config, workdir, data source, hook or checkpoint.
+  """
+  validation.validate(config)
+  _check_hooks(config)
+  topology = distributed.topology()
+  for field in ('batch_size', 'eval_batch_size'):
+    distributed.check_divisible(field, config[field], topology.device_count)
+  workdir_lib.check_writable(workdir)
+  latest = checkpoint.latest_step(workdir)
+  stored_meta = None
+  if latest is not None:
+    ckpt_dir = checkpoint.directory(workdir)
+    stored = checkpoint.read_json(ckpt_dir, latest, 'config')
+    for field, old, new in resume.check(
+        stored, resume.to_json_dict(config), f'{ckpt_dir}/{latest}'):
+      logging.info('Resume: config.%s changes from %r to %r.', field, old, new)
+    stored_meta = checkpoint.read_json(ckpt_dir, latest, 'meta')
+  data = None
+  if load_data:
+    data = data_lib.load(config.data_source, config.data_dir, config.classes)
+    if stored_meta and stored_meta['data_source'] != data.source:
+      raise CheckpointError(
+          f'the checkpoint in {workdir} was trained on data_source='
+          f'{stored_meta["data_source"]!r}, but this run resolves to '
+          f'{data.source!r}; set --config.data_source='
+          f'{stored_meta["data_source"]} or use a new --workdir.')
+    if data_lib.steps_per_epoch(data.train, config.batch_size) < 1:
+      raise ConfigError(
+          f'config.batch_size={config.batch_size} is larger than the train '
+          f'split ({data.train.size} examples); use a smaller batch.')
+  steps_total = num_train_steps(config, data.train.size if data else 0)
+  model = models.create(config.model.name, validation.num_classes(config))
+  setup = Setup(config=config, workdir=workdir, topology=topology, data=data,
+                num_train_steps=steps_total, model=model,
+                tx=optimizers.create(config.optimizer, steps_total),
+                freeze=freeze_schedule(config), latest_step=latest)
+  try:
+    setup.tx_at(0)
+  except ValueError as e:
+    raise ConfigError(f'config.freeze: {e}') from e
+  return setup
+
+
+def _init_state(model: flax.linen.Module, tx: optax.GradientTransformation,
+                rng: jax.Array) -> TrainState:
+  return TrainState.create(apply_fn=model.apply,
+                           params=models.init_params(model, rng), tx=tx)
+
+
+def abstract_state(setup: Setup, step: int = 0) -> TrainState:
+  """The TrainState's shapes, dtypes and shardings; no memory allocated."""
+  shapes = jax.eval_shape(
+      functools.partial(_init_state, setup.model, setup.tx_at(step)),
+      jax.random.key(setup.config.seed))
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                     sharding=setup.topology.replicated),
+      shapes)
+
+
+def initial_state(setup: Setup) -> TrainState:
+  """The fresh TrainState of the run's seed, replicated over the mesh."""
+  init = jax.jit(functools.partial(_init_state, setup.model, setup.tx_at(0)),
+                 out_shardings=setup.topology.replicated)
+  return init(jax.random.key(setup.config.seed))
+
+
+def enter_phase(setup: Setup, state: TrainState, step: int) -> TrainState:
+  """Rebuilds the optimizer for the freeze phase of `step` if it differs.
+
+  Slots are carried over by param key; slots of newly trainable params start
+  fresh (count 0 with hooks.optim's Adam: no bias-correction kick).
+
+  Args:
+    setup: the run.
+    state: a state built for some other phase (or the same one).
+    step: the step the state is at.
+
+  Returns:
+    The state with the optimizer of `step`'s phase.
+  """
+  tx = setup.tx_at(step)
+  if tx is state.tx:
+    return state
+  new_state = jax.eval_shape(functools.partial(_init_state, setup.model, tx),
+                             jax.random.key(0))
+  if (jax.tree.structure(new_state.opt_state)
+      == jax.tree.structure(state.opt_state)):
+    return state.replace(tx=tx)
+  opt_state = hooks.carry_opt_state(hooks.flatten(state.opt_state), tx,
+                                    state.params)
+  opt_state = jax.device_put(opt_state, setup.topology.replicated)
+  logging.info('Freeze phase at step %d: frozen %s.', step,
+               list(setup.freeze.phase_at(step)) or 'nothing')
+  return state.replace(tx=tx, opt_state=opt_state)
