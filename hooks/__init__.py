@@ -22,6 +22,8 @@ from hooks.api import HookError
 from hooks.api import HookFn
 from hooks.api import Report
 from hooks.api import run_hooks
+from hooks.donors import DonorError
+from hooks.donors import open_donor
 from hooks.flat import flatten
 from hooks.flat import flatten_raw
 from hooks.flat import param_keys
@@ -41,13 +43,18 @@ from hooks.validation import match_keys
 from hooks.validation import StructureError
 
 # Built-in hooks: importing them registers them.
+from hooks import migrate_flax_optim as _migrate_flax_optim  # pylint: disable=unused-import
 from hooks import reinit as _reinit  # pylint: disable=unused-import
+from hooks import rename as _rename  # pylint: disable=unused-import
 from hooks import reset_slots as _reset_slots  # pylint: disable=unused-import
+from hooks import resize_head as _resize_head  # pylint: disable=unused-import
+from hooks import warm_start as _warm_start  # pylint: disable=unused-import
 
 __all__ = [
     'ACTIONS',
     'Action',
     'Context',
+    'DonorError',
     'DonorReader',
     'FreezeSchedule',
     'HookError',
@@ -66,6 +73,7 @@ __all__ = [
     'get',
     'match_keys',
     'names',
+    'open_donor',
     'optim',
     'param_keys',
     'register',

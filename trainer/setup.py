@@ -85,6 +85,10 @@ def _check_hooks(config: ml_collections.ConfigDict) -> None:
   if unknown_phases:
     raise ConfigError(f'config.hooks has unknown phases {unknown_phases}; '
                       f'use {list(HOOK_PHASES)}.')
+  if config.hooks.pre_restore and not config.init_from:
+    raise ConfigError('config.hooks.pre_restore runs on the checkpoint named '
+                      'by config.init_from, which is empty; set '
+                      '--config.init_from or move the hooks to post_init.')
   for phase in HOOK_PHASES:
     for index, entry in enumerate(hook_entries(config, phase)):
       try:
@@ -92,10 +96,6 @@ def _check_hooks(config: ml_collections.ConfigDict) -> None:
       except (KeyError, ValueError, TypeError, ImportError,
               AttributeError) as e:
         raise ConfigError(f'config.hooks.{phase}[{index}]: {e}') from e
-  if config.hooks.pre_restore and not config.init_from:
-    raise ConfigError('config.hooks.pre_restore runs on the checkpoint named '
-                      'by config.init_from, which is empty; set '
-                      '--config.init_from or move the hooks to post_init.')
 
 
 def freeze_schedule(config: ml_collections.ConfigDict) -> hooks.FreezeSchedule:

@@ -1,0 +1,182 @@
+"""Tensor transfers: which part of a source tensor fills which part of a target.
+
+A ``Transfer`` says, per axis, which target indices take which source indices:
+all of an equal-size axis, the overlapping prefix of two sizes, or the rows
+of the same class labels on a class axis. One transfer is computed per param
+and applied to the param and to each of its optimizer slots, so the slots
+always move with their param. Values are computed on the host (numpy) and
+placed like the leaf they replace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = [
+    'Transfer',
+    'class_rows',
+    'place',
+    'plan',
+    'to_numpy',
+]
+
+# Per axis: None (every index of an axis both tensors have at the same size)
+# or (target indices, source indices).
+AxisIndex = tuple[tuple[int, ...], tuple[int, ...]] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+  """Which source entries fill which target entries.
+
+  Attributes:
+    target_shape: The shape of the result.
+    source_shape: The shape of the source.
+    index: One ``AxisIndex`` per axis.
+  """
+
+  target_shape: tuple[int, ...]
+  source_shape: tuple[int, ...]
+  index: tuple[AxisIndex, ...]
+
+  @property
+  def is_copy(self) -> bool:
+    """Whether the whole source becomes the target unchanged."""
+    return self.target_shape == self.source_shape and all(
+        i is None for i in self.index
+    )
+
+  @property
+  def is_empty(self) -> bool:
+    """Whether no entry is transferred."""
+    return any(i is not None and not i[0] for i in self.index)
+
+  def apply(self, base: Any, source: Any, dtype: Any) -> np.ndarray:
+    """Returns ``base`` (target shape) with the transferred entries of ``source``.
+
+    Args:
+      base: What entries not transferred keep (fresh values, zeros); unused
+        when ``is_copy``.
+      source: The source tensor.
+      dtype: The result dtype.
+
+    Returns:
+      A new host array of ``target_shape``.
+    """
+    source = np.asarray(source)
+    if self.is_copy:
+      return np.array(source, dtype=dtype)
+    out = np.array(np.broadcast_to(to_numpy(base), self.target_shape), dtype=dtype)
+    target_ix, source_ix = [], []
+    for size, index in zip(self.target_shape, self.index):
+      if index is None:
+        target_ix.append(np.arange(size))
+        source_ix.append(np.arange(size))
+      else:
+        target_ix.append(np.asarray(index[0], dtype=np.int64))
+        source_ix.append(np.asarray(index[1], dtype=np.int64))
+    out[np.ix_(*target_ix)] = source[np.ix_(*source_ix)].astype(dtype)
+    return out
+
+
+def class_rows(
+    target_classes: Sequence[int],
+    source_classes: Sequence[int],
+    class_map: Mapping[int, int] | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Pairs target rows with the source rows of the same class.
+
+  Args:
+    target_classes: The label of each target row.
+    source_classes: The label of each source row.
+    class_map: Target label -> source label; by default each target label
+      takes the source row of the same label, when there is one. Labels
+      must be in their lists (the caller checks).
+
+  Returns:
+    (target rows, source rows), in target row order.
+  """
+  target_classes = list(target_classes)
+  source_classes = list(source_classes)
+  if class_map is None:
+    pairs = [
+        (i, source_classes.index(c))
+        for i, c in enumerate(target_classes)
+        if c in source_classes
+    ]
+  else:
+    pairs = sorted(
+        (target_classes.index(t), source_classes.index(s))
+        for t, s in class_map.items()
+    )
+  return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
+def plan(
+    target_shape: Sequence[int],
+    source_shape: Sequence[int],
+    *,
+    class_axis: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    overlap: bool = False,
+) -> Transfer | None:
+  """Plans the transfer of a source tensor into a target tensor.
+
+  Args:
+    target_shape: The target's shape.
+    source_shape: The source's shape.
+    class_axis: (target rows, source rows) for the last axis, from
+      ``class_rows``; None: the last axis is like the others.
+    overlap: Whether axes of different sizes transfer their common prefix
+      (``[:min(a, b)]``); otherwise they make the shapes mismatch.
+
+  Returns:
+    The transfer, or None if the shapes do not fit (ranks differ, or an axis
+    differs and ``overlap`` is false).
+  """
+  target_shape, source_shape = tuple(target_shape), tuple(source_shape)
+  if len(target_shape) != len(source_shape):
+    return None
+  if class_axis is not None and not target_shape:
+    return None
+  index: list[AxisIndex] = []
+  for axis, (t, s) in enumerate(zip(target_shape, source_shape)):
+    if class_axis is not None and axis == len(target_shape) - 1:
+      index.append((tuple(class_axis[0]), tuple(class_axis[1])))
+    elif t == s:
+      index.append(None)
+    elif overlap:
+      common = tuple(range(min(t, s)))
+      index.append((common, common))
+    else:
+      return None
+  return Transfer(target_shape, source_shape, tuple(index))
+
+
+def to_numpy(leaf: Any) -> np.ndarray:
+  """Returns a leaf (array or scalar) as a host array."""
+  return np.asarray(leaf)
+
+
+def place(value: np.ndarray, like: Any) -> Any:
+  """Puts a host value where ``like`` is (same sharding) when shapes agree.
+
+  Args:
+    value: The new host value.
+    like: The leaf it replaces: a ``jax.Array`` (its sharding is kept when
+      the shape is the same), or anything else (the host value is returned).
+
+  Returns:
+    A ``jax.Array`` placed like ``like``, or ``value``.
+  """
+  if not isinstance(like, jax.Array) or tuple(like.shape) != value.shape:
+    return value
+  if like.is_fully_addressable:
+    return jax.device_put(value, like.sharding)
+  return jax.make_array_from_callback(
+      value.shape, like.sharding, lambda index: value[index]
+  )

@@ -1,0 +1,79 @@
+"""`python -m trainer.inspect PATH [--filter REGEX]`: what a checkpoint holds.
+
+PATH is a workdir (its latest checkpoint), an orbax checkpoint step directory
+or a legacy flax msgpack file. Prints every leaf's flat key, shape, dtype,
+element count and bytes, sorted by key as the surgery document's tables are.
+Orbax checkpoints are described from metadata alone; a msgpack file has no
+separate metadata and is read whole.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Mapping, Sequence
+
+from absl import flags
+import jax
+import numpy as np
+
+import hooks
+
+
+def table(structure: Mapping[str, jax.ShapeDtypeStruct],
+          pattern: str | None = None) -> str:
+  """Formats leaves as aligned rows with a totals line.
+
+  Args:
+    structure: flat key -> shape and dtype.
+    pattern: keep only keys that this regex finds (re.search).
+
+  Returns:
+    The table text.
+  """
+  keys = sorted(k for k in structure
+                if pattern is None or re.search(pattern, k))
+  rows = [('key', 'shape', 'dtype', 'count', 'bytes')]
+  total_count = total_bytes = 0
+  for key in keys:
+    leaf = structure[key]
+    count = int(np.prod(leaf.shape, dtype=np.int64))
+    nbytes = count * np.dtype(leaf.dtype).itemsize
+    total_count += count
+    total_bytes += nbytes
+    rows.append((key, str(tuple(leaf.shape)), str(np.dtype(leaf.dtype)),
+                 f'{count:,}', f'{nbytes:,}'))
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
+  lines = [f'{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  '
+           f'{r[3]:>{widths[3]}}  {r[4]:>{widths[4]}}'.rstrip() for r in rows]
+  lines.append(f'{len(keys)} arrays, {total_count:,} values, '
+               f'{total_bytes:,} bytes')
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+  """Prints the table for the PATH in argv; returns the exit status."""
+  values = flags.FlagValues()
+  flags.DEFINE_string('filter', None, 'Only keys matching this regex.',
+                      flag_values=values)
+  try:
+    rest = values(list(argv))
+    if len(rest) != 2:
+      raise flags.Error('give exactly one PATH: a workdir, a checkpoint step '
+                        'directory or a legacy flax msgpack file')
+    if values.filter is not None:
+      re.compile(values.filter)
+  except (flags.Error, re.error) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  try:
+    reader = hooks.open_donor(rest[1])
+  except (hooks.DonorError, OSError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(table(reader.structure(), values.filter))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))
