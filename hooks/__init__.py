@@ -3,7 +3,10 @@
 A flat state maps '/'-joined keys (``params/Conv_0/kernel``,
 ``opt_state/0/mu/Conv_0/kernel``, ``step``) to leaves; hooks are small pure
 functions over it, built from entries like ``{'name': 'reinit', ...}``.
-In a plain loop::
+Built in: after init (post_init) ``warm_start`` (from a donor checkpoint, read
+lazily through ``open_donor``), ``resize_head``, ``reinit``, ``reset_slots``;
+on a checkpoint being restored (pre_restore) ``migrate_flax_optim`` (legacy
+``flax.optim``), ``rename``, ``resize_head``. In a plain loop::
 
   flat = hooks.flatten(state)
   fresh = lambda: hooks.flatten(create_state(rng))  # a fresh target state

@@ -168,18 +168,20 @@ class OrbaxDonor:
       return {}
     wanted = set(keys)
 
-    def leaf_args(path, leaf):
+    def item_leaf(path, leaf):
       if flat_lib.key_of(path) not in wanted:
-        return ocp.PLACEHOLDER, ocp.PLACEHOLDER
-      return (
-          jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype),
-          ocp.RestoreArgs(restore_type=np.ndarray),
-      )
+        return ocp.PLACEHOLDER
+      return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
 
-    pairs = jax.tree_util.tree_map_with_path(leaf_args, self._tree)
-    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2  # pylint: disable=unnecessary-lambda-assignment
-    item = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-    restore_args = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+    item = jax.tree_util.tree_map_with_path(item_leaf, self._tree)
+    restore_args = jax.tree.map(
+        lambda leaf: (
+            ocp.PLACEHOLDER
+            if leaf is ocp.PLACEHOLDER
+            else ocp.RestoreArgs(restore_type=np.ndarray)
+        ),
+        item,
+    )
     restored = self._manager.restore(
         self.step,
         args=ocp.args.Composite(
@@ -216,11 +218,14 @@ class MsgpackDonor:
 
   Attributes:
     path: The file.
+    step: Always None: the file has no checkpoint step (a legacy optimizer
+      keeps its own under ``state/step``).
     classes: Always None: the format records no labels.
   """
 
   def __init__(self, path: str) -> None:
     self._path = path
+    self.step = None
     self._flat = self._load()
     self._digest = _Digest()
 

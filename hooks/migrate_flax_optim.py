@@ -114,7 +114,9 @@ def migrate_flax_optim() -> api.HookFn:
       elif key.startswith(_PARAMS):
         path = key[len(_PARAMS):]
         if _TARGET + path not in flat:
-          close = difflib.get_close_matches(path, legacy_params, n=3, cutoff=0.5)
+          close = difflib.get_close_matches(
+              _TARGET + path, [_TARGET + p for p in legacy_params], n=3, cutoff=0.5
+          )
           missing.append(
               f'  param {_TARGET}{path}' + (f'  (did you mean {close}?)' if close else '')
           )
@@ -160,10 +162,14 @@ def migrate_flax_optim() -> api.HookFn:
         out[slot] = _value(flat[source], struct, abstract)
         sources[slot] = source
 
-    extra = sorted(set(legacy_params) - {k[len(_PARAMS):] for k in expected if k.startswith(_PARAMS)})
+    target_params = {k[len(_PARAMS):] for k in expected if k.startswith(_PARAMS)}
+    extra = sorted(set(legacy_params) - target_params)
     problems = []
     if missing:
-      problems.append(f'{len(missing)} missing from the legacy checkpoint:\n' + '\n'.join(missing))
+      problems.append(
+          f'{len(missing)} missing from the legacy checkpoint:\n'
+          + '\n'.join(missing)
+      )
     if wrong:
       problems.append(f'{len(wrong)} slot(s) of the wrong shape:\n' + '\n'.join(wrong))
     if unknown:

@@ -98,7 +98,8 @@ def rename(
     for old, new in moves.items():
       targets.setdefault(new, []).append(old)
     collisions = [
-        f'  {new} <- {olds}' + ('' if len(olds) > 1 else ' (already a key that is not renamed)')
+        f'  {new} <- {olds}'
+        + ('' if len(olds) > 1 else ' (already a key that is not renamed)')
         for new, olds in targets.items()
         if len(olds) > 1 or (new in flat and new not in moves)
     ]

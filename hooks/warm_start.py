@@ -36,7 +36,9 @@ def _choice(name: str, value: Any, allowed: Sequence[str]) -> str:
   return value
 
 
-def _rules(rename: Sequence[Sequence[str]], default: str) -> list[tuple[re.Pattern[str], str, str]]:
+def _rules(
+    rename: Sequence[Sequence[str]], default: str
+) -> list[tuple[re.Pattern[str], str, str]]:
   if isinstance(rename, str):
     raise ValueError(
         f'warm_start: rename must be a list of (pattern, donor_key) pairs, '
@@ -196,6 +198,7 @@ def warm_start(
     plan.raise_errors()
     return plan.apply()
 
+  hook_fn.__name__ = 'warm_start'  # Names it in HookError when passed built.
   hook_fn.donor = reader
   return hook_fn
 

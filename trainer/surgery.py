@@ -70,12 +70,24 @@ def _report_frozen(setup: setup_lib.Setup) -> hooks.HookFn:
   return frozen
 
 
+def build_phase(setup: setup_lib.Setup, phase: str) -> list[hooks.HookFn]:
+  """Builds the config's hooks of `phase`, each named as its entry."""
+  built = []
+  for entry in setup_lib.hook_entries(setup.config, phase):
+    hook_fn = hooks.build(entry)
+    hook_fn.__name__ = entry['name']
+    built.append(hook_fn)
+  return built
+
+
 def run_phase(setup: setup_lib.Setup, phase: str, flat: dict[str, Any],
-              ctx: hooks.Context) -> dict[str, Any]:
-  """Runs the config's hooks of `phase` over `flat`; errors name the hook."""
-  entries = [*setup_lib.hook_entries(setup.config, phase), _report_frozen(setup)]
+              ctx: hooks.Context,
+              built: list[hooks.HookFn] | None = None) -> dict[str, Any]:
+  """Runs the hooks of `phase` over `flat`; errors name the hook."""
+  if built is None:
+    built = build_phase(setup, phase)
   try:
-    return hooks.run_hooks(flat, entries, ctx,
+    return hooks.run_hooks(flat, [*built, _report_frozen(setup)], ctx,
                            validate_each=phase == 'post_init')
   except (hooks.HookError, hooks.StructureError) as e:
     cause = f' ({type(e.__cause__).__name__}: {e.__cause__})' if (
@@ -102,6 +114,7 @@ def start(setup: setup_lib.Setup
   record = {phase: setup_lib.hook_entries(config, phase)
             for phase in setup_lib.HOOK_PHASES}
   record['init_from'] = None
+  record['donors'] = []
   if config.init_from:
     source = open_source(config.init_from, 'config.init_from')
     ctx = context(setup, abstract=False, donor=source, report=report)
@@ -115,25 +128,18 @@ def start(setup: setup_lib.Setup
   else:
     state = setup_lib.initial_state(setup)
     ctx = context(setup, abstract=False, report=report)
-    flat = run_phase(setup, 'post_init', hooks.flatten(state), ctx)
+    built = build_phase(setup, 'post_init')
+    flat = run_phase(setup, 'post_init', hooks.flatten(state), ctx, built)
+    record['donors'] = [
+        {'hook': fn.__name__, 'path': fn.donor.path, 'step': fn.donor.step,
+         'sha256': fn.donor.digest()}
+        for fn in built if getattr(fn, 'donor', None) is not None]
     state = hooks.unflatten(
         jax.device_put(flat, setup.topology.replicated), state)
     if config.hooks.post_init:
       logging.info('Ran %d post_init hooks: %s.', len(config.hooks.post_init),
                    [e['name'] for e in record['post_init']])
-  record['donors'] = _donor_records(record['post_init'])
   return state, record, report
-
-
-def _donor_records(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Path, step and content hash of each donor a post_init hook read."""
-  out = []
-  for entry in entries:
-    if entry.get('donor'):
-      reader = open_source(entry['donor'], f"hook {entry['name']!r} donor")
-      out.append({'hook': entry['name'], 'path': reader.path,
-                  'step': reader.step, 'sha256': reader.digest()})
-  return out
 
 
 def plan(setup: setup_lib.Setup) -> tuple[hooks.Report, str]:

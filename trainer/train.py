@@ -89,6 +89,18 @@ def _versions() -> dict[str, str]:
           'flax': flax.__version__, 'optax': optax.__version__}
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache in `path`, for every compile.
+
+  The thresholds are lowered to zero: the CNN's steps compile in about a
+  second on a CPU, below JAX's default minimum for caching.
+  """
+  jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  logging.info('Persistent compilation cache in %s.', path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains and evaluates as `config` says; resumes a checkpoint in `workdir`.
@@ -101,6 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The summary that is also written to `workdir/summary.json`.
   """
   setup = setup_lib.prepare(config, workdir)
+  if config.compilation_cache_dir:
+    enable_compilation_cache(config.compilation_cache_dir)
   if setup.latest_step is None:
     state, record, report = surgery.start(setup)
     start_step = int(state.step)

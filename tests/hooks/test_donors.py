@@ -111,6 +111,7 @@ def test_msgpack_reader(tmp_path):
                                   {'target': params, 'state': {'step': 4}})
   donor = hooks.open_donor(path)
   assert isinstance(donor, donors.MsgpackDonor) and donor.classes is None
+  assert isinstance(donor, hooks.DonorReader) and donor.step is None
   assert donor.path == path
   structure = donor.structure()
   assert {k: (v.shape, v.dtype) for k, v in structure.items()} == {
