@@ -90,9 +90,7 @@ def run_phase(setup: setup_lib.Setup, phase: str, flat: dict[str, Any],
     return hooks.run_hooks(flat, [*built, _report_frozen(setup)], ctx,
                            validate_each=phase == 'post_init')
   except (hooks.HookError, hooks.StructureError) as e:
-    cause = f' ({type(e.__cause__).__name__}: {e.__cause__})' if (
-        e.__cause__ is not None) else ''
-    raise SurgeryError(f'{phase} hooks: {e}{cause}') from e
+    raise SurgeryError(f'{phase} hooks: {e}') from e
 
 
 def start(setup: setup_lib.Setup
