@@ -45,6 +45,7 @@ ACTIONS = (
     'reinitialized',
     'reset',
     'frozen',
+    'modified',  # A custom hook's own edit (e.g. scaled).
     'unchanged',
 )
 _NEEDS_SOURCE = ('copied', 'renamed', 'migrated')

@@ -45,7 +45,8 @@ def register(name: str) -> Callable[[HookFactory], HookFactory]:
     A decorator that registers the factory and returns it unchanged.
 
   Raises:
-    ValueError: If ``name`` is malformed or already taken by another factory.
+    ValueError: If ``name`` is malformed or already taken by a factory of
+      another qualified name.
   """
   if not isinstance(name, str) or not name or ':' in name:
     raise ValueError(
@@ -54,7 +55,10 @@ def register(name: str) -> Callable[[HookFactory], HookFactory]:
     )
 
   def decorator(factory: HookFactory) -> HookFactory:
-    if name in _REGISTRY and _REGISTRY[name] is not factory:
+    # The same function defined again (a re-run module or notebook cell)
+    # replaces itself; another function may not take the name.
+    if (name in _REGISTRY and
+        _qualname(_REGISTRY[name]) != _qualname(factory)):
       raise ValueError(
           f'Hook name {name!r} is already registered to '
           f'{_qualname(_REGISTRY[name])}; pick another name for '

@@ -9,6 +9,6 @@ def scale(patterns, factor):
     out = dict(flat)
     for key in hooks.param_keys(flat, patterns):
       out[key] = hooks.apply_leaf(lambda x: x * factor, flat[key])
-      ctx.report.record(key, 'reinitialized')
+      ctx.report.record(key, 'modified')
     return out
   return hook_fn
