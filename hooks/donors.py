@@ -334,7 +334,8 @@ def open_donor(path: str) -> OrbaxDonor | MsgpackDonor:
     DonorError: If nothing is at ``path``, a directory holds no finished
       orbax checkpoint, or a file is not flax msgpack.
   """
-  path = os.fspath(path)
+  # orbax reads absolute paths only; '~' is the user's, as on a shell.
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if not os.path.exists(path):
     raise DonorError(f'Donor {path!r} does not exist; {_EXPECTED}.')
   if os.path.isfile(path):

@@ -31,8 +31,8 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
 
 
 def directory(workdir: str) -> str:
-  """Where a workdir keeps its checkpoints."""
-  return os.path.join(workdir, SUBDIR)
+  """Where a workdir keeps its checkpoints (absolute: orbax needs that)."""
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), SUBDIR)
 
 
 def reader(ckpt_dir: str) -> ocp.CheckpointManager:

@@ -112,6 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns:
     The summary that is also written to `workdir/summary.json`.
   """
+  workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else workdir
   setup = setup_lib.prepare(config, workdir)
   if config.compilation_cache_dir:
     enable_compilation_cache(config.compilation_cache_dir)

@@ -134,3 +134,16 @@ def test_resume_refuses_a_changed_fixed_field(tmp_path, capsys):
   assert 'optimizer.momentum: checkpoint has 0.9, config has 0.5' in err
   assert 'num_train_steps' not in err  # That one may change.
   assert _tree(workdir) == before
+
+
+def test_relative_workdir_and_donor_paths(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert main(['trainer', f'--config={TINY}', '--workdir=runs/a',
+               '--config.num_train_steps=2']) == 0
+  assert (tmp_path / 'runs' / 'a' / 'summary.json').exists()
+  assert main(['trainer', f'--config={TINY}', '--workdir=runs/a',
+               '--config.num_train_steps=3']) == 0  # Resumes.
+  assert json.loads((tmp_path / 'runs' / 'a' / 'summary.json').read_text()
+                    )['steps_this_run'] == 1
+  assert main(['trainer', f'--config={TINY}', '--workdir=runs/b',
+               '--config.num_train_steps=2', '--config.init_from=runs/a']) == 0
