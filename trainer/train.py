@@ -59,7 +59,9 @@ class Preemption(contextlib.AbstractContextManager):
     self._previous = None
 
   def __enter__(self) -> 'Preemption':
-    if threading.current_thread() is threading.main_thread():
+    # Several processes: JAX's preemption service handles SIGTERM itself.
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -69,7 +71,18 @@ class Preemption(contextlib.AbstractContextManager):
                     'stopping.')
     self._requested.set()
 
-  def requested(self) -> bool:
+  def requested(self, step: int) -> bool:
+    """Whether to stop after `step`; every process agrees on the answer.
+
+    With several processes, a SIGTERM reaches them at different steps; JAX's
+    preemption sync point (set up by jax.distributed) picks one step for all.
+
+    Args:
+      step: the step just finished.
+    """
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
     return self._requested.is_set()
 
   def __exit__(self, *exc: Any) -> None:
@@ -208,7 +221,7 @@ def _train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
                                     for k, v in eval_metrics.items()})
         logging.info('step %d: eval accuracy %.4f, loss %.4f', step,
                      eval_metrics['accuracy'], eval_metrics['loss'])
-      preempted = preemption.requested()
+      preempted = preemption.requested(step)
       if (step % config.checkpoint_every_steps == 0 or preempted
           or step == setup.num_train_steps):
         with report.timed('checkpoint'):
