@@ -23,5 +23,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# `make experiment NAME=warm_start_resize_head [ARGS=--tiny]`: one experiment of
+# experiments/, written to experiments/<NAME>/results/.
+experiment: $(STAMP)
+	@test -n "$(NAME)" || { echo 'usage: make experiment NAME=<name> [ARGS=--tiny]; names: the packages in experiments/'; exit 2; }
+	$(PY) -m experiments.$(NAME) $(ARGS)
+
+# `make bench`: every benchmark of benchmarks/ (under 10 minutes on a 2-core
+# CPU), written to benchmarks/results/<name>.json and benchmarks/results/README.md.
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

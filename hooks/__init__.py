@@ -35,6 +35,8 @@ from hooks.flat import unflatten
 from hooks.freeze import carry_opt_state
 from hooks.freeze import freeze
 from hooks.freeze import FreezeSchedule
+from hooks.freeze import FrozenTransformation
+from hooks.freeze import stop_frozen_gradients
 from hooks.registry import build
 from hooks.registry import get
 from hooks.registry import names
@@ -60,6 +62,7 @@ __all__ = [
     'DonorError',
     'DonorReader',
     'FreezeSchedule',
+    'FrozenTransformation',
     'HookError',
     'HookFn',
     'Report',
@@ -82,5 +85,6 @@ __all__ = [
     'register',
     'run_hooks',
     'slot_index',
+    'stop_frozen_gradients',
     'unflatten',
 ]

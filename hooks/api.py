@@ -109,6 +109,14 @@ class Action:
     return out
 
 
+_UNCHANGED = Action('unchanged')
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+  shape = getattr(leaf, 'shape', None)
+  return tuple(shape) if shape is not None else tuple(np.shape(leaf))
+
+
 class Report:
   """Collects what hooks did, per flat key (params and optimizer slots)."""
 
@@ -159,9 +167,13 @@ class Report:
   def merge(self, other: Report, *, hook: str | None = None) -> None:
     """Appends ``other``'s actions, tagged with the hook's name."""
     for key, actions in other._actions.items():  # pylint: disable=protected-access
-      self._actions.setdefault(key, []).extend(
-          dataclasses.replace(a, hook=hook) if hook else a for a in actions
-      )
+      if hook:
+        actions = [dataclasses.replace(a, hook=hook) for a in actions]
+      mine = self._actions.get(key)
+      if mine is None:
+        self._actions[key] = list(actions)
+      else:
+        mine.extend(actions)
     self._shapes.update(other._shapes)  # pylint: disable=protected-access
 
   def finalize(self, flat: Mapping[str, Any]) -> None:
@@ -172,12 +184,12 @@ class Report:
     """
     for key, leaf in flat.items():
       if key in self._actions or key.startswith('params/'):
-        self._shapes[key] = tuple(np.shape(leaf))
+        self._shapes[key] = _shape(leaf)
     for param, slots in flat_lib.slot_index(flat).items():
       for key in (param, *slots):
         if key not in self._actions:
-          self._actions[key] = [Action('unchanged')]
-          self._shapes[key] = tuple(np.shape(flat[key]))
+          self._actions[key] = [_UNCHANGED]
+          self._shapes[key] = _shape(flat[key])
 
   def actions(self, key: str) -> list[Action]:
     """Returns the actions recorded for ``key`` (empty if none)."""
@@ -332,6 +344,7 @@ def run_hooks(
   hooks = [_named(entry) for entry in hook_entries]
   fresh = _once(ctx.fresh)
   current = dict(flat)
+  validated = None  # The last result checked in full.
   run_report = Report()  # Reaches ctx.report only if every hook succeeds.
   for index, (name, hook_fn) in enumerate(hooks):
     report = Report()
@@ -347,9 +360,15 @@ def run_hooks(
           name, index, TypeError(f'returned {type(result).__name__}, not a dict')
       )
     if validate_each:
-      validation.check_structure(
-          result, ctx.expected, what=f'state after hook #{index} {name!r}'
-      )
+      what = f'state after hook #{index} {name!r}'
+      if validated is not None and result.keys() == validated.keys():
+        # Leaves a hook kept (the same objects) were checked already.
+        validation.check_structure(
+            {k: v for k, v in result.items() if v is not validated[k]},
+            ctx.expected, what=what, partial=True)
+      else:
+        validation.check_structure(result, ctx.expected, what=what)
+      validated = result
     run_report.merge(report, hook=name)
     current = result
   if not validate_each or not hooks:

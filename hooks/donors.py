@@ -60,7 +60,8 @@ class _Digest:
 
   def add(self, key: str, value: np.ndarray) -> None:
     value = np.ascontiguousarray(value)
-    data = hashlib.sha256(value.tobytes()).hexdigest()
+    # Hash the buffer in place: `tobytes()` would copy the whole tensor.
+    data = hashlib.sha256(value.reshape(-1).view(np.uint8)).hexdigest()
     self._parts[key] = f'{key}\0{value.dtype.name}\0{value.shape}\0{data}\n'
 
   def hexdigest(self) -> str:
@@ -227,6 +228,7 @@ class MsgpackDonor:
     self._path = path
     self.step = None
     self._flat = self._load()
+    self._structure = None
     self._digest = _Digest()
 
   def _load(self) -> dict[str, np.ndarray]:
@@ -266,9 +268,12 @@ class MsgpackDonor:
 
   def structure(self) -> dict[str, jax.ShapeDtypeStruct]:
     """Returns key -> shape/dtype of every leaf (the file was read whole)."""
-    return {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self._flat.items()
-    }
+    if self._structure is None:
+      self._structure = {
+          k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+          for k, v in self._flat.items()
+      }
+    return dict(self._structure)
 
   def read(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """Returns ``keys`` from the file's contents.

@@ -9,6 +9,7 @@ leaves and so no keys.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -33,23 +34,76 @@ _PARAMS = 'params/'
 _OPT_STATE = 'opt_state/'
 
 
+_SIMPLE_ENTRY = {
+    jax.tree_util.DictKey: lambda entry: str(entry.key),
+    jax.tree_util.SequenceKey: lambda entry: str(entry.idx),
+    jax.tree_util.GetAttrKey: lambda entry: str(entry.name),
+    jax.tree_util.FlattenedIndexKey: lambda entry: str(entry.key),
+}
+
+
 def key_of(path: tuple[Any, ...]) -> str:
-  """Returns the flat key of a pytree path (``'/'``-joined, no brackets)."""
-  return jax.tree_util.keystr(path, simple=True, separator='/')
+  """Returns the flat key of a pytree path (``'/'``-joined, no brackets).
+
+  The same string as ``jax.tree_util.keystr(path, simple=True,
+  separator='/')``, built without its per-entry pattern match.
+  """
+  return '/'.join([_SIMPLE_ENTRY.get(type(entry), str)(entry)
+                   for entry in path])
+
+
+def _keys_with_paths(tree: Any) -> list[str]:
+  keys = [key_of(path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(tree)[0]]
+  if len(set(keys)) != len(keys):
+    seen = set()
+    for key in keys:
+      if key in seen:
+        raise ValueError(
+            f'Two leaves have the flat key {key!r} (paths differ only in key '
+            "type, e.g. 0 and '0', or a key contains '/'); rename one of them."
+        )
+      seen.add(key)
+  return keys
+
+
+class _KeysByStructure:
+  """The flat keys of a tree structure, remembered for the last few.
+
+  Keys depend only on the structure, and building key paths costs far more
+  than flattening (tens of microseconds a leaf against one): a surgery
+  flattens the same structure many times (the state, its abstract target,
+  validation, unflatten). Structures whose static data cannot be hashed are
+  not remembered.
+  """
+
+  def __init__(self, size: int = 32):
+    self._size = size
+    self._keys: collections.OrderedDict[Any, list[str]] = (
+        collections.OrderedDict())
+
+  def get(self, tree: Any, treedef: Any) -> list[str]:
+    try:
+      keys = self._keys.get(treedef)
+    except TypeError:  # Unhashable static data.
+      return _keys_with_paths(tree)
+    if keys is None:
+      keys = _keys_with_paths(tree)
+      self._keys[treedef] = keys
+      if len(self._keys) > self._size:
+        self._keys.popitem(last=False)
+    else:
+      self._keys.move_to_end(treedef)
+    return keys
+
+
+_KEYS = _KeysByStructure()
 
 
 def _flat_with_treedef(tree: Any) -> tuple[dict[str, Any], Any]:
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  flat: dict[str, Any] = {}
-  for path, leaf in leaves:
-    key = key_of(path)
-    if key in flat:
-      raise ValueError(
-          f'Two leaves have the flat key {key!r} (paths differ only in key '
-          "type, e.g. 0 and '0', or a key contains '/'); rename one of them."
-      )
-    flat[key] = leaf
-  return flat, treedef
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = _KEYS.get(tree, treedef)
+  return dict(zip(keys, leaves)), treedef
 
 
 def flatten(tree: Any) -> dict[str, Any]:
@@ -139,19 +193,28 @@ def slot_index(flat: Mapping[str, Any]) -> dict[str, list[str]]:
   """
   params = {k[len(_PARAMS):]: k for k in flat if k.startswith(_PARAMS)}
   index: dict[str, list[str]] = {k: [] for k in params.values()}
+  # Suffixes to try, longest first ('b/a/kernel' beats 'a/kernel'): only
+  # as many parts as some param path has.
+  depths = sorted({p.count('/') + 1 for p in params}, reverse=True)
   for key, leaf in flat.items():
     if not key.startswith(_OPT_STATE):
       continue
     parts = key.split('/')
-    # Longest suffix first: 'b/a/kernel' beats 'a/kernel'.
-    for start in range(2, len(parts)):
-      suffix = '/'.join(parts[start:])
+    for depth in depths:
+      if len(parts) - depth < 2:
+        continue
+      suffix = '/'.join(parts[-depth:])
       if suffix in params:
         param_key = params[suffix]
-        if np.shape(leaf) == np.shape(flat[param_key]):
+        if _shape(leaf) == _shape(flat[param_key]):
           index[param_key].append(key)
         break
   return {k: sorted(v) for k, v in index.items()}
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+  shape = getattr(leaf, 'shape', None)
+  return tuple(shape) if shape is not None else tuple(np.shape(leaf))
 
 
 def param_keys(

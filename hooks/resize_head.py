@@ -166,6 +166,8 @@ def _resize(
   leaf = out[key]
   if isinstance(leaf, jax.ShapeDtypeStruct):
     out[key] = jax.ShapeDtypeStruct(plan.target_shape, leaf.dtype)
+  elif transfer.on_device(leaf, plan.target_shape):
+    out[key] = plan.apply_on_device(base, leaf, leaf)  # No host copy.
   else:
     source = transfer.to_numpy(leaf)
     value = plan.apply(base, source, source.dtype)

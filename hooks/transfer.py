@@ -4,8 +4,9 @@ A ``Transfer`` says, per axis, which target indices take which source indices:
 all of an equal-size axis, the overlapping prefix of two sizes, or the rows
 of the same class labels on a class axis. One transfer is computed per param
 and applied to the param and to each of its optimizer slots, so the slots
-always move with their param. Values are computed on the host (numpy) and
-placed like the leaf they replace.
+always move with their param. Values are computed where the leaf they
+replace lives: on its devices when it is a ``jax.Array`` (``apply_on_device``:
+no device value is copied to the host), else on the host (``apply``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
     'Transfer',
     'class_rows',
     'place',
+    'on_device',
     'plan',
     'to_numpy',
 ]
@@ -72,6 +75,12 @@ class Transfer:
     if self.is_copy:
       return np.array(source, dtype=dtype)
     out = np.array(np.broadcast_to(to_numpy(base), self.target_shape), dtype=dtype)
+    target_ix, source_ix = self._indices()
+    out[target_ix] = source[source_ix].astype(dtype)
+    return out
+
+  def _indices(self) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """(target, source) open-mesh indices (``np.ix_``) of the moved entries."""
     target_ix, source_ix = [], []
     for size, index in zip(self.target_shape, self.index):
       if index is None:
@@ -80,8 +89,43 @@ class Transfer:
       else:
         target_ix.append(np.asarray(index[0], dtype=np.int64))
         source_ix.append(np.asarray(index[1], dtype=np.int64))
-    out[np.ix_(*target_ix)] = source[np.ix_(*source_ix)].astype(dtype)
-    return out
+    return np.ix_(*target_ix), np.ix_(*source_ix)
+
+  def apply_on_device(self, base: Any, source: Any, like: jax.Array
+                      ) -> jax.Array:
+    """``apply`` computed where ``like`` lives; no device value goes to the host.
+
+    Host values (a donor's tensors, scalar bases) go to the device; device
+    values (the fresh leaf as ``base``, an incoming leaf as ``source``) stay
+    there. The entries are the same as ``apply``'s.
+
+    Args:
+      base: What entries not transferred keep (a device array, a host
+        array or a scalar); unused when ``is_copy``.
+      source: The source tensor (host or device).
+      like: A ``jax.Array`` for which ``on_device(like, self.target_shape)``
+        holds: the result takes its dtype and sharding.
+
+    Returns:
+      A new ``jax.Array`` of ``target_shape``.
+    """
+    dtype = like.dtype
+    sharding = like.sharding
+    if self.is_copy:
+      if isinstance(source, jax.Array):
+        return jax.device_put(source.astype(dtype), sharding)
+      return jax.device_put(np.asarray(source, dtype=dtype), sharding)
+    target_ix, source_ix = self._indices()
+    if isinstance(source, jax.Array):
+      moved = source[source_ix].astype(dtype)
+    else:
+      moved = np.asarray(source)[source_ix].astype(dtype)
+    if isinstance(base, jax.Array):
+      base = jnp.broadcast_to(base.astype(dtype), self.target_shape)
+    else:
+      base = jnp.broadcast_to(jnp.asarray(to_numpy(base), dtype),
+                              self.target_shape)
+    return jax.device_put(base.at[target_ix].set(moved), sharding)
 
 
 def class_rows(
@@ -155,6 +199,18 @@ def plan(
     else:
       return None
   return Transfer(target_shape, source_shape, tuple(index))
+
+
+def on_device(leaf: Any, shape: Sequence[int] | None = None) -> bool:
+  """Whether a value of ``shape`` can be computed where ``leaf`` lives.
+
+  True for a ``jax.Array`` that this process addresses alone whose sharding
+  fits ``shape`` too (the same shape, or replicated).
+  """
+  if not isinstance(leaf, jax.Array) or not leaf.is_fully_addressable:
+    return False
+  return (shape is None or tuple(shape) == tuple(leaf.shape)
+          or leaf.sharding.is_fully_replicated)
 
 
 def to_numpy(leaf: Any) -> np.ndarray:

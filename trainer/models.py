@@ -9,6 +9,30 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.custom_jvp
+def relu(x: jax.Array) -> jax.Array:
+  """max(x, 0), as `nn.relu`: the same values and gradients, compiled faster.
+
+  Undifferentiated (inference, eval, frozen layers) it is `max`, which XLA's
+  CPU backend fuses with the convolutions and pooling around it. Under
+  differentiation the JVP rule below writes the value as a select on
+  `x <= 0`: XLA then fuses each conv's bias add into the conv and keeps the
+  pre-activation once, instead of materialising it and a broadcast zero
+  (on a CPU the loss gradient is about 1.4x faster, the whole train step
+  about 1.1x; benchmarks/step.py). NaNs propagate as with `max`; the
+  gradient is 0 where x <= 0, as `nn.relu`'s.
+  """
+  return jnp.maximum(x, 0)
+
+
+@relu.defjvp
+def _relu_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
+              ) -> tuple[jax.Array, jax.Array]:
+  x, = primals
+  t, = tangents
+  return jnp.where(x <= 0, 0, x), jnp.where(x > 0, t, 0)
+
+
 class CNN(nn.Module):
   """The convolutional network of the Flax model-surgery document.
 
@@ -20,14 +44,14 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
+    x = relu(x)
     x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
     x = nn.Conv(features=64, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
+    x = relu(x)
     x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(features=256)(x)
-    x = nn.relu(x)
+    x = relu(x)
     x = nn.Dense(features=self.num_classes)(x)
     return nn.log_softmax(x)
 

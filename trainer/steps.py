@@ -9,6 +9,8 @@ from flax.training import train_state
 import jax
 import optax
 
+import hooks
+
 Batch = dict[str, jax.Array]
 
 
@@ -32,6 +34,9 @@ def train_step(state: train_state.TrainState,
                batch: Batch) -> tuple[train_state.TrainState, TrainMetrics]:
   """One optimizer step on `batch`.
 
+  Frozen params (an optimizer from `hooks.freeze`) are not differentiated:
+  their layers run as inference, and their (unused) gradients are zeros.
+
   Args:
     state: the train state (donated by the caller's jit).
     batch: {'image': [B, 28, 28, 1], 'label': [B]}.
@@ -40,6 +45,7 @@ def train_step(state: train_state.TrainState,
     The new state and this step's metrics, on device.
   """
   def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
+    params = hooks.stop_frozen_gradients(params, state.tx)
     logits = state.apply_fn({'params': params}, batch['image'])
     return _per_example_loss(logits, batch['label']).mean(), logits
 

@@ -1,0 +1,1 @@
+"""Experiment 3: train the head alone, then unfreeze the backbone at step N."""

@@ -1,0 +1,72 @@
+"""Each benchmark runs at its tiny size and writes its result and table row.
+
+These check that the benchmarks work, not what they measure: the tiny sizes
+time too little to mean anything. Only figures that do not depend on timing
+(identity of untouched leaves, host copies, compile counts) are asserted.
+"""
+
+import json
+
+import pytest
+
+import benchmarks
+from benchmarks import common
+
+
+@pytest.fixture(scope='module')
+def out_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('bench')
+
+
+@pytest.fixture(scope='module')
+def run(out_dir):
+  """Runs a benchmark at its tiny size once per module; returns its JSON."""
+  done = {}
+
+  def run_once(name):
+    if name not in done:
+      benchmarks.run_benchmark(name, tiny=True, out_dir=str(out_dir))
+      done[name] = json.loads((out_dir / f'{name}.json').read_text())
+    return done[name]
+
+  return run_once
+
+
+def _figure(result, prefix):
+  matches = [f for f in result['figures'] if f['figure'].startswith(prefix)]
+  assert matches, [f['figure'] for f in result['figures']]
+  return matches[0]
+
+
+@pytest.mark.parametrize('name', benchmarks.ALL)
+def test_benchmark_runs_at_tiny_size(name, run, out_dir):
+  written = run(name)
+  assert written['size'] == 'tiny'
+  assert written['figures']
+  env = written['environment']
+  assert env['jax'] and env['jaxlib'] and env['device']
+  for fig in written['figures']:
+    assert set(fig) >= {'figure', 'value', 'unit', 'goal', 'met', 'command'}
+    assert fig['command'].startswith('.venv/bin/python -m benchmarks')
+  common.write_table(str(out_dir), benchmarks.ALL)
+  table = (out_dir / 'README.md').read_text()
+  assert f'| {name} | {written["figures"][0]["figure"]} |' in table
+  assert env['jaxlib'] in table
+
+
+def test_surgery_keeps_untouched_leaves_and_copies_nothing_to_host(run):
+  result = run('surgery')
+  assert _figure(result, 'untouched leaves that are the same objects')['met']
+  assert _figure(result, 'device-to-host copies')['value'] == 0
+
+
+def test_loop_compiles_each_step_function_once(run):
+  result = run('loop')
+  assert _figure(result, 'compiles during timed epochs')['value'] == 0
+  assert _figure(result, 'train_step / eval_step compiles')['value'] == '1 / 1'
+
+
+def test_donor_warm_start_copies_the_needed_leaves(run):
+  result = run('donor')
+  for run in result['details']['runs']['partial']:
+    assert len(run['copied']) == 16
