@@ -45,6 +45,7 @@ def environment() -> dict[str, Any]:
   """jax and jaxlib versions, the device and the host, for every result row."""
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
+  from trainer import host  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   return {
       'jax': jax.__version__,
@@ -52,20 +53,10 @@ def environment() -> dict[str, Any]:
       'device': f'{devices[0].platform} {devices[0].device_kind} '
                 f'x{len(devices)}',
       'cpu_count': os.cpu_count(),
-      'cpu': _cpu_model(),
+      'cpu': host.cpu_model(),
       'python': platform.python_version(),
   }
 
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def median(values: Sequence[float]) -> float:

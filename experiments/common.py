@@ -31,6 +31,7 @@ import numpy as np
 import hooks
 from trainer import checkpoint
 from trainer import data as data_lib
+from trainer import host
 from trainer import models
 from trainer import train
 
@@ -223,16 +224,6 @@ class Predictor:
 
 # The environment and the files an experiment writes.
 
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
-
 
 def environment() -> dict[str, Any]:
   """The machine and the package versions, for the report."""
@@ -243,7 +234,7 @@ def environment() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
       versions[name] = 'not installed'
   return {
-      'cpu': _cpu_model(),
+      'cpu': host.cpu_model(),
       'cpu_count': os.cpu_count(),
       'platform': platform.platform(),
       'python': platform.python_version(),

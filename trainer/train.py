@@ -22,6 +22,7 @@ import optax
 from trainer import checkpoint
 from trainer import data as data_lib
 from trainer import distributed
+from trainer import host
 from trainer import resume
 from trainer import setup as setup_lib
 from trainer import steps
@@ -225,6 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'train_examples_per_sec': stats['examples_per_sec'],
       'preempted': stats['preempted'],
       'versions': _versions(),
+      'cpu': host.cpu_model(),
       'device_kind': jax.devices()[0].device_kind,
       'device_count': jax.device_count(),
       'process_count': jax.process_count(),

@@ -36,6 +36,7 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
   assert 0.0 <= summary['final_eval_accuracy'] <= 1.0
   assert summary['train_examples_per_sec'] > 0
   assert summary['device_count'] >= 1 and summary['device_kind']
+  assert summary['cpu']
   assert set(summary['versions']) == {'jax', 'jaxlib', 'flax', 'optax'}
   assert f"{summary['final_eval_accuracy']:.4f}" in out
   events = [f for f in os.listdir(workdir) if f.startswith('events.out')]
