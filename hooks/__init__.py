@@ -1,30 +1,28 @@
 """Model surgery through hooks, for any Flax ``TrainState`` loop.
 
 A flat state maps '/'-joined keys (``params/Conv_0/kernel``,
-``opt_state/0/mu/Conv_0/kernel``, ``step``) to leaves; hooks are small pure
-functions over it, built from entries like ``{'name': 'reinit', ...}``.
-Built in: after init (post_init) ``warm_start`` (from a donor checkpoint, read
-lazily through ``open_donor``), ``resize_head``, ``reinit``, ``reset_slots``;
-on a checkpoint being restored (pre_restore) ``migrate_flax_optim`` (legacy
-``flax.optim``), ``rename``, ``resize_head``. In a plain loop::
+``batch_stats/BatchNorm_0/mean``, ``opt_state/0/mu/Conv_0/kernel``,
+``step``) to leaves; hooks are small pure functions over it, built from
+entries like ``{'name': 'reinit', 'patterns': ['head/.*']}``. In any loop::
 
-  flat = hooks.flatten(state)
-  fresh = lambda: hooks.flatten(create_state(rng))  # a fresh target state
-  ctx = hooks.Context(hooks.expected_structure(flat), rng, fresh)
-  flat = hooks.run_hooks(flat, [{'name': 'reinit', 'patterns': ['Dense_1/.*']}], ctx)
-  state = hooks.unflatten(flat, state); print(ctx.report.table())
+  state = create_state(rng)                       # your TrainState
+  state, report = hooks.apply(state, [
+      {'name': 'warm_start', 'donor': '/ckpts/donor'},
+  ], rng=rng, fresh=lambda: create_state(rng))
+  print(report.table())
+  state = hooks.freeze_state(state, ['backbone/.*'])   # tx and slots agree
+
+``hooks.restore(checkpoint, target, entries, rng=...)`` reads a checkpoint
+(any form ``open_donor`` knows) through hooks into ``target``;
+``hooks.plan`` is ``apply`` run abstractly (nothing read or allocated).
 """
 
 from hooks import optim
-from hooks.api import ACTIONS
-from hooks.api import Action
 from hooks.api import apply_leaf
 from hooks.api import Context
 from hooks.api import DonorReader
 from hooks.api import HookError
 from hooks.api import HookFn
-from hooks.api import Report
-from hooks.api import run_hooks
 from hooks.donors import DonorError
 from hooks.donors import open_donor
 from hooks.flat import flatten
@@ -34,20 +32,30 @@ from hooks.flat import slot_index
 from hooks.flat import unflatten
 from hooks.freeze import carry_opt_state
 from hooks.freeze import freeze
-from hooks.freeze import FreezeSchedule
+from hooks.freeze import freeze_state
 from hooks.freeze import FrozenTransformation
 from hooks.freeze import stop_frozen_gradients
+from hooks.pipeline import apply
+from hooks.pipeline import plan
+from hooks.pipeline import restore
+from hooks.pipeline import Sources
 from hooks.registry import build
 from hooks.registry import get
 from hooks.registry import names
 from hooks.registry import register
 from hooks.registry import UnknownHookError
+from hooks.report import ACTIONS
+from hooks.report import Action
+from hooks.report import Report
+from hooks.schedule import FreezeSchedule
 from hooks.validation import check_structure
 from hooks.validation import expected_structure
 from hooks.validation import match_keys
 from hooks.validation import StructureError
 
 # Built-in hooks: importing them registers them.
+from hooks import copy as _copy  # pylint: disable=unused-import
+from hooks import map_labels as _map_labels  # pylint: disable=unused-import
 from hooks import migrate_flax_optim as _migrate_flax_optim  # pylint: disable=unused-import
 from hooks import reinit as _reinit  # pylint: disable=unused-import
 from hooks import rename as _rename  # pylint: disable=unused-import
@@ -66,8 +74,10 @@ __all__ = [
     'HookError',
     'HookFn',
     'Report',
+    'Sources',
     'StructureError',
     'UnknownHookError',
+    'apply',
     'apply_leaf',
     'build',
     'carry_opt_state',
@@ -76,14 +86,16 @@ __all__ = [
     'flatten',
     'flatten_raw',
     'freeze',
+    'freeze_state',
     'get',
     'match_keys',
     'names',
     'open_donor',
     'optim',
     'param_keys',
+    'plan',
     'register',
-    'run_hooks',
+    'restore',
     'slot_index',
     'stop_frozen_gradients',
     'unflatten',

@@ -1,13 +1,14 @@
 """Freezing params through the optimizer, and schedules of frozen sets.
 
 Frozen params get ``optax.set_to_zero()`` updates and no optimizer slots:
-``freeze`` wraps the optimizer in ``optax.multi_transform`` with labels
+``freeze`` wraps the optimizer in ``optax.partition`` with labels
 ``'trainable'`` and ``'frozen'``. Their gradients are then unused, and XLA
 drops the work that computes them; a loss function that passes its params
 through ``stop_frozen_gradients`` does not differentiate frozen layers at all
 (they run as plain inference, which XLA compiles tighter). When the frozen
-set changes, the new optimizer state is built fresh and the slots of params
-that stay trainable are carried over (``carry_opt_state``).
+set changes, the new optimizer state is built fresh and every slot that
+still exists is carried over by key (``carry_opt_state``); in a plain loop,
+``freeze_state(state, patterns)`` does both in one call.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ __all__ = [
     'carry_opt_state',
     'freeze',
     'freeze_labels',
+    'freeze_state',
     'stop_frozen_gradients',
 ]
 
 TRAINABLE = 'trainable'
 FROZEN = 'frozen'
 
-# The path multi_transform puts above a partition's state: the part of a slot
+# The path optax.partition puts above a partition's state: the part of a slot
 # key that changes when a param moves between our two partitions.
 _PARTITION = re.compile(
     rf'(?:^|(?<=/))inner_states/(?:{TRAINABLE}|{FROZEN})/inner_state/'
@@ -74,21 +76,24 @@ def freeze_labels(params: Any, patterns: Sequence[str]) -> Any:
 
 
 class FrozenTransformation(optax.GradientTransformationExtraArgs):
-  """What ``freeze`` returns: ``optax.multi_transform``'s ``init`` and
-  ``update``, and the labels it partitions the params by.
+  """What ``freeze`` returns: ``optax.partition``'s ``init`` and ``update``,
+  the labels it partitions the params by, and the optimizer it wraps.
 
   Attributes:
     labels: A pytree like the params: ``'frozen'`` or ``'trainable'``.
+    base: The optimizer of the trainable params (``freeze``'s ``tx``).
   """
 
-  # A NamedTuple subclass without __slots__: instances can carry `labels`.
-  def __new__(cls, init: Any, update: Any, labels: Any) -> FrozenTransformation:
+  # A NamedTuple subclass without __slots__: instances can carry attributes.
+  def __new__(cls, init: Any, update: Any, labels: Any,
+              base: optax.GradientTransformation) -> FrozenTransformation:
     self = super().__new__(cls, init, update)
     self.labels = labels
+    self.base = base
     return self
 
-  def __getnewargs__(self) -> tuple[Any, Any, Any]:
-    return self.init, self.update, self.labels
+  def __getnewargs__(self) -> tuple[Any, Any, Any, Any]:
+    return self.init, self.update, self.labels, self.base
 
 
 def stop_frozen_gradients(params: Any, tx: Any) -> Any:
@@ -133,109 +138,25 @@ def freeze(
 
   Returns:
     ``tx`` itself when ``patterns`` is empty, else
-    ``optax.multi_transform({'trainable': tx, 'frozen': set_to_zero()},
-    labels)`` as a ``FrozenTransformation`` (which knows ``labels``). Slot
-    keys then read
+    ``optax.partition({'trainable': tx, 'frozen': set_to_zero()}, labels)``
+    as a ``FrozenTransformation`` (which knows ``labels`` and ``tx``). A
+    ``FrozenTransformation`` given as ``tx`` is unwrapped first. Slot keys
+    then read
     ``opt_state/inner_states/trainable/inner_state/0/mu/Dense_1/kernel``.
 
   Raises:
     ValueError: If a pattern is invalid or matches no param, or if every
       param would be frozen.
   """
+  if isinstance(tx, FrozenTransformation):
+    tx = tx.base
   if not patterns:
     return tx
   labels = freeze_labels(params, patterns)
-  inner = optax.multi_transform(
+  inner = optax.partition(
       {TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels
   )
-  return FrozenTransformation(inner.init, inner.update, labels)
-
-
-def _step(value: Any) -> int:
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-    step = int(value)
-  elif isinstance(value, str) and value.isdigit():
-    step = int(value)
-  else:
-    raise ValueError(
-        f'Freeze schedule step {value!r} must be a non-negative integer (or a '
-        "string of digits, e.g. '100')."
-    )
-  if step < 0:
-    raise ValueError(f'Freeze schedule step {step} must be >= 0.')
-  return step
-
-
-def _patterns(step: int, value: Any) -> tuple[str, ...]:
-  if isinstance(value, str) or not isinstance(value, Sequence):
-    raise ValueError(
-        f'Freeze schedule at step {step}: {value!r} must be a list of regexes, '
-        "e.g. ['Conv_.*'] (or [] to train everything)."
-    )
-  validation.match_keys(value, [], allow_empty=True)  # Checks each regex.
-  return tuple(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class FreezeSchedule:
-  """Which params are frozen from which step on.
-
-  Attributes:
-    phases: ``(step, patterns)`` pairs sorted by step; the patterns apply
-      from that step until the next one. Before the first step nothing is
-      frozen.
-  """
-
-  phases: tuple[tuple[int, tuple[str, ...]], ...] = ()
-
-  @classmethod
-  def parse(cls, schedule: Mapping[Any, Sequence[str]]) -> FreezeSchedule:
-    """Parses ``{step: patterns}``, e.g. ``{0: ['Conv_.*'], 200: []}``.
-
-    Args:
-      schedule: Step (int or digit string, as config dicts need) -> regexes
-        over param paths frozen from that step on.
-
-    Returns:
-      The schedule.
-
-    Raises:
-      ValueError: If a step is not a non-negative integer, two keys give the
-        same step, or patterns are not a list of valid regexes.
-    """
-    phases: dict[int, tuple[str, ...]] = {}
-    for key, value in schedule.items():
-      step = _step(key)
-      if step in phases:
-        raise ValueError(
-            f'Freeze schedule gives step {step} twice ({key!r}); keep one.'
-        )
-      phases[step] = _patterns(step, value)
-    return cls(tuple(sorted(phases.items())))
-
-  @property
-  def boundaries(self) -> tuple[int, ...]:
-    """The steps at which the frozen set changes."""
-    return tuple(step for step, _ in self.phases)
-
-  def phase_index(self, step: int) -> int:
-    """Returns the index of the phase ``step`` is in (-1 before the first)."""
-    index = -1
-    for i, (start, _) in enumerate(self.phases):
-      if step >= start:
-        index = i
-    return index
-
-  def phase_at(self, step: int) -> tuple[str, ...]:
-    """Returns the patterns frozen at ``step`` (empty: nothing frozen)."""
-    index = self.phase_index(step)
-    return self.phases[index][1] if index >= 0 else ()
-
-  def tx_at(
-      self, step: int, tx: optax.GradientTransformation, params: Any
-  ) -> optax.GradientTransformation:
-    """Returns ``freeze(tx, params, self.phase_at(step))``."""
-    return freeze(tx, params, self.phase_at(step))
+  return FrozenTransformation(inner.init, inner.update, labels, tx)
 
 
 def _strip_opt_state(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -296,3 +217,30 @@ def carry_opt_state(
       )
     out[key] = carried
   return flat_lib.unflatten(out, new_state)
+
+
+def freeze_state(state: Any, patterns: Sequence[str]) -> Any:
+  """Freezes params of a ``TrainState`` in one call, keeping its slots.
+
+  The new ``tx`` is ``freeze(state.tx, state.params, patterns)`` (a state
+  frozen before is re-frozen from its base optimizer; ``[]`` unfreezes
+  everything), and the new ``opt_state`` carries every leaf of the old one
+  by key (``carry_opt_state``): slots that surgery edited stay as they are,
+  params that become frozen lose their slots, and params that become
+  trainable get fresh ones.
+
+  Args:
+    state: A ``flax.training.train_state.TrainState`` or a subclass.
+    patterns: Regexes over param paths without ``params/``.
+
+  Returns:
+    ``state.replace(tx=..., opt_state=...)``: the two agree.
+
+  Raises:
+    ValueError: If a pattern is invalid or matches no param, if every param
+      would be frozen, or if a slot's shape differs from the new state's.
+  """
+  tx = freeze(state.tx, state.params, patterns)
+  opt_state = carry_opt_state(flat_lib.flatten(state.opt_state), tx,
+                              state.params)
+  return state.replace(tx=tx, opt_state=opt_state)

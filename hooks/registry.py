@@ -151,7 +151,7 @@ def build(entry: Mapping[str, Any]) -> Callable[..., Any]:
       factory's parameters.
 
   Returns:
-    ``factory(**params)``, the hook function.
+    ``factory(**params)``, the hook function, named as the entry.
 
   Raises:
     ValueError: If ``name`` is missing, a parameter is unknown or a required
@@ -187,4 +187,8 @@ def build(entry: Mapping[str, Any]) -> Callable[..., Any]:
         f'Hook {name!r} is missing required parameter(s) {missing}; it '
         f'accepts {accepted}.'
     )
-  return factory(**params)
+  hook_fn = factory(**params)
+  if inspect.isfunction(hook_fn):
+    # Names the built hook in errors and reports ('warm_start', not 'hook_fn').
+    hook_fn.__name__ = hook_fn.__qualname__ = str(name)
+  return hook_fn

@@ -57,6 +57,9 @@ class CNN(nn.Module):
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {'cnn': CNN}
+# The classifier layer of each model: its last axis is one column per class,
+# which surgery maps by digit label.
+HEADS: dict[str, str] = {'cnn': 'Dense_1'}
 
 INPUT_SHAPE = (28, 28, 1)
 

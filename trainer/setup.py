@@ -1,7 +1,8 @@
 """Everything a run needs before its first step, checked up front.
 
-`prepare` validates the config, the workdir, a stored checkpoint, the hooks
-and the freeze schedule, and loads the data; it writes nothing, so every bad
+`prepare` validates the config, the workdir, a stored checkpoint, the hook
+phases and the freeze schedule, and loads the data (the hooks themselves are
+built once, by `surgery.prepare`, before anything is written); it writes nothing, so every bad
 input fails here. The state helpers build the TrainState of a run for the
 freeze phase of a given step, concretely or abstractly (no memory).
 """
@@ -46,7 +47,7 @@ class Setup:
   model: flax.linen.Module
   tx: optax.GradientTransformation  # Before freezing.
   freeze: hooks.FreezeSchedule
-  latest_step: int | None
+  latest_step: int | None  # The step to resume (config.resume_step or latest).
 
   @functools.cached_property
   def abstract_params(self) -> Any:
@@ -91,11 +92,9 @@ def _check_hooks(config: ml_collections.ConfigDict) -> None:
                       '--config.init_from or move the hooks to post_init.')
   for phase in HOOK_PHASES:
     for index, entry in enumerate(hook_entries(config, phase)):
-      try:
-        hooks.build(entry)
-      except (KeyError, ValueError, TypeError, ImportError,
-              AttributeError) as e:
-        raise ConfigError(f'config.hooks.{phase}[{index}]: {e}') from e
+      if not entry.get('name'):
+        raise ConfigError(f'config.hooks.{phase}[{index}]={entry!r} has no '
+                          "'name'; write e.g. {'name': 'warm_start', ...}.")
 
 
 def freeze_schedule(config: ml_collections.ConfigDict) -> hooks.FreezeSchedule:
@@ -155,7 +154,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   for field in ('batch_size', 'eval_batch_size'):
     distributed.check_divisible(field, config[field], topology.device_count)
   workdir_lib.check_writable(workdir)
-  latest = checkpoint.latest_step(workdir)
+  latest = checkpoint.resume_step(workdir, config.resume_step)
   stored_meta = None
   if latest is not None:
     ckpt_dir = checkpoint.directory(workdir)

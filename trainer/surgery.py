@@ -1,13 +1,17 @@
-"""The trainer's side of surgery: hook contexts, the two hook phases, records.
+"""The trainer's side of surgery: its hooks, built once, through one pipeline.
 
-A fresh workdir starts from `config.init_from` through the pre_restore hooks,
-or from a fresh state through the post_init hooks. Either way the step-0
-checkpoint records what ran (`record`), and a resume never runs them again.
+A fresh workdir starts from `config.init_from` through the pre_restore hooks
+(`hooks.restore`), or from a fresh state through the post_init hooks
+(`hooks.apply`). `trainer.plan` runs the same calls with `dry_run=True`. The
+trainer adds what only it knows to the entries: its model's head layer and
+the digit labels of its classes and of a donor run's (from the donor's
+`meta` item), so a donor on digits 0-4 fills columns 0-4 of a ten-digit head.
+The step-0 checkpoint records what ran; a resume never runs hooks again.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 from typing import Any
 
@@ -15,86 +19,148 @@ from absl import logging
 import jax
 
 import hooks
-from trainer import checkpoint
+from trainer import models
 from trainer import setup as setup_lib
 from trainer import workdir as workdir_lib
 from trainer.errors import CheckpointError
+from trainer.errors import ConfigError
 from trainer.errors import SurgeryError
 
 TrainState = setup_lib.TrainState
+# Hooks that copy from a donor and take `labels` for the head's columns.
+_DONOR_HOOKS = ('warm_start', 'copy_params', 'copy_slots')
 
 
-def open_source(path: str, what: str) -> hooks.DonorReader:
-  """Opens a checkpoint to read from (init_from or a donor).
+@dataclasses.dataclass(frozen=True)
+class Surgery:
+  """The hooks of a fresh start, built once, and the checkpoints they read.
 
-  Args:
-    path: a workdir, a step directory or a legacy flax msgpack file.
-    what: the config field that names it, for the message.
-
-  Returns:
-    A reader over it.
-
-  Raises:
-    CheckpointError: nothing readable is there.
+  Attributes:
+    sources: Opens each donor once; shared by the plan and the run.
+    init_from: The reader of `config.init_from`, or None.
+    entries: Phase -> the entries as run (with the trainer's additions).
+    built: Phase -> the built hooks.
   """
+  sources: hooks.Sources
+  init_from: hooks.DonorReader | None
+  entries: dict[str, list[dict[str, Any]]]
+  built: dict[str, list[hooks.HookFn]]
+
+
+def _open(sources: hooks.Sources, path: str, what: str) -> hooks.DonorReader:
   try:
-    return hooks.open_donor(path)
+    return sources.open(path)
   except (hooks.DonorError, OSError) as e:
     raise CheckpointError(f'{what}={path!r}: {e}') from e
 
 
-def context(setup: setup_lib.Setup, *, abstract: bool,
-            donor: hooks.DonorReader | None = None,
-            report: hooks.Report | None = None) -> hooks.Context:
-  """The hook context of a run: its expected structure, fresh state, classes."""
-  target = setup_lib.abstract_state(setup)
-  if abstract:
-    fresh = functools.partial(hooks.flatten, target)
-  else:
-    fresh = lambda: hooks.flatten(setup_lib.initial_state(setup))
-  return hooks.Context(
-      expected=hooks.expected_structure(hooks.flatten(target)),
-      rng=jax.random.fold_in(jax.random.key(setup.config.seed), 1),
-      fresh=fresh, classes=tuple(setup.config.classes), donor=donor,
-      report=report or hooks.Report(), abstract=abstract)
+def _classes(reader: hooks.DonorReader) -> list[int] | None:
+  """The digit labels a run of this trainer recorded in its `meta` item."""
+  meta = reader.metadata.get('meta')
+  classes = meta.get('classes') if isinstance(meta, dict) else None
+  return None if classes is None else [int(c) for c in classes]
 
 
-def _report_frozen(setup: setup_lib.Setup) -> hooks.HookFn:
+def _complete(entry: dict[str, Any], phase: str, index: int, setup: Any,
+              sources: hooks.Sources,
+              init_from: hooks.DonorReader | None) -> dict[str, Any]:
+  """Adds the head layer and labels the trainer knows to one entry."""
+  config = setup.config
+  head = models.HEADS[config.model.name]
+  target = [int(c) for c in config.classes]
+  entry = dict(entry)
+  name = entry.get('name')
+  if name in _DONOR_HOOKS and 'labels' not in entry and entry.get('donor'):
+    reader = _open(sources, entry['donor'],
+                   f'config.hooks.{phase}[{index}].donor')
+    donor = _classes(reader)
+    if donor is not None:
+      entry['labels'] = [{'layers': head, 'axis': -1, 'donor': donor,
+                          'target': target}]
+  elif name == 'resize_head':
+    entry.setdefault('layer', head)
+    entry.setdefault('to_classes', target)
+    if 'from_classes' not in entry and init_from is not None:
+      donor = _classes(init_from)
+      if donor is not None:
+        entry['from_classes'] = donor
+  return entry
+
+
+def prepare(setup: Any) -> Surgery:
+  """Opens init_from and donors (once each) and builds the hooks (once).
+
+  Args:
+    setup: the checked run.
+
+  Returns:
+    The built surgery of a fresh start.
+
+  Raises:
+    CheckpointError: a donor or init_from cannot be read.
+    ConfigError: a hook entry is malformed.
+  """
+  config = setup.config
+  sources = hooks.Sources()
+  init_from = (_open(sources, config.init_from, 'config.init_from')
+               if config.init_from else None)
+  entries, built = {}, {}
+  for phase in setup_lib.HOOK_PHASES:
+    entries[phase] = [
+        _complete(entry, phase, i, setup, sources, init_from)
+        for i, entry in enumerate(setup_lib.hook_entries(config, phase))]
+    built[phase] = []
+    for index, entry in enumerate(entries[phase]):
+      try:
+        built[phase].append(hooks.build(entry))
+      except (KeyError, ValueError, TypeError, ImportError,
+              AttributeError) as e:
+        raise ConfigError(f'config.hooks.{phase}[{index}]: {e}') from e
+  return Surgery(sources, init_from, entries, built)
+
+
+def _report_frozen(setup: Any) -> hooks.HookFn:
   frozen_patterns = setup.freeze.phase_at(0)
 
-  def frozen(flat: dict[str, Any], ctx: hooks.Context) -> dict[str, Any]:
+  def freeze(flat: dict[str, Any], ctx: hooks.Context) -> dict[str, Any]:
     if frozen_patterns:
       for key in hooks.param_keys(flat, frozen_patterns):
         ctx.report.record(key, 'frozen')
     return flat
-  return frozen
+  return freeze
 
 
-def build_phase(setup: setup_lib.Setup, phase: str) -> list[hooks.HookFn]:
-  """Builds the config's hooks of `phase`, each named as its entry."""
-  built = []
-  for entry in setup_lib.hook_entries(setup.config, phase):
-    hook_fn = hooks.build(entry)
-    hook_fn.__name__ = entry['name']
-    built.append(hook_fn)
-  return built
-
-
-def run_phase(setup: setup_lib.Setup, phase: str, flat: dict[str, Any],
-              ctx: hooks.Context,
-              built: list[hooks.HookFn] | None = None) -> dict[str, Any]:
-  """Runs the hooks of `phase` over `flat`; errors name the hook."""
-  if built is None:
-    built = build_phase(setup, phase)
+def _run(setup: Any, surgery: Surgery, *, dry_run: bool
+         ) -> tuple[TrainState, hooks.Report]:
+  """The one pipeline of a start and of its plan."""
+  rng = jax.random.fold_in(jax.random.key(setup.config.seed), 1)
+  fresh = lambda: setup_lib.initial_state(setup)
+  phase = 'pre_restore' if surgery.init_from is not None else 'post_init'
+  hook_fns = [*surgery.built[phase], _report_frozen(setup)]
   try:
-    return hooks.run_hooks(flat, [*built, _report_frozen(setup)], ctx,
-                           validate_each=phase == 'post_init')
-  except (hooks.HookError, hooks.StructureError) as e:
+    if surgery.init_from is not None:
+      return hooks.restore(surgery.init_from, setup_lib.abstract_state(setup),
+                           hook_fns, rng=rng, fresh=fresh,
+                           sources=surgery.sources, dry_run=dry_run)
+    state = (setup_lib.abstract_state(setup) if dry_run
+             else setup_lib.initial_state(setup))
+    return hooks.apply(state, hook_fns, rng=rng, fresh=fresh,
+                       sources=surgery.sources, dry_run=dry_run)
+  except hooks.DonorError as e:
+    raise CheckpointError(f'{phase} hooks: {e}') from e
+  except hooks.HookError as e:
+    if isinstance(e.__cause__, hooks.DonorError):
+      raise CheckpointError(f'{phase} hooks: {e}') from e
     raise SurgeryError(f'{phase} hooks: {e}') from e
+  except hooks.StructureError as e:
+    where = (f'checkpoint {surgery.init_from.path} after the pre_restore hooks'
+             if surgery.init_from is not None else 'the post_init hooks')
+    error = CheckpointError if surgery.init_from is not None else SurgeryError
+    raise error(f'{where} do not fit the state this config builds:\n{e}'
+                ) from e
 
 
-def start(setup: setup_lib.Setup
-          ) -> tuple[TrainState, dict[str, Any], hooks.Report]:
+def start(setup: Any) -> tuple[TrainState, dict[str, Any], hooks.Report]:
   """The state a fresh workdir starts from, what made it, and the report.
 
   Args:
@@ -105,42 +171,24 @@ def start(setup: setup_lib.Setup
     metadata, the report into surgery_report.json.
 
   Raises:
-    CheckpointError, SurgeryError: before anything is written.
+    CheckpointError, ConfigError, SurgeryError: before anything is written.
   """
-  config = setup.config
-  report = hooks.Report()
-  record = {phase: setup_lib.hook_entries(config, phase)
-            for phase in setup_lib.HOOK_PHASES}
-  record['init_from'] = None
-  record['donors'] = []
-  if config.init_from:
-    source = open_source(config.init_from, 'config.init_from')
-    ctx = context(setup, abstract=False, donor=source, report=report)
-    state = checkpoint.restore(
-        setup_lib.abstract_state(setup), source,
-        pre_restore=lambda flat: run_phase(setup, 'pre_restore', flat, ctx))
-    record['init_from'] = {'path': source.path, 'step': source.step,
-                           'sha256': source.digest()}
+  surgery = prepare(setup)
+  state, report = _run(setup, surgery, dry_run=False)
+  record: dict[str, Any] = dict(surgery.entries)
+  sources = report.sources
+  init_path = surgery.init_from.path if surgery.init_from else None
+  record['init_from'] = next(
+      (s for s in sources if s.get('path') == init_path), None)
+  record['donors'] = [s for s in sources if s.get('path') != init_path]
+  if surgery.init_from is not None:
     logging.info('Started from %s (step %s) through %d pre_restore hooks.',
-                 source.path, source.step, len(config.hooks.pre_restore))
-  else:
-    state = setup_lib.initial_state(setup)
-    ctx = context(setup, abstract=False, report=report)
-    built = build_phase(setup, 'post_init')
-    flat = run_phase(setup, 'post_init', hooks.flatten(state), ctx, built)
-    record['donors'] = [
-        {'hook': fn.__name__, 'path': fn.donor.path, 'step': fn.donor.step,
-         'sha256': fn.donor.digest()}
-        for fn in built if getattr(fn, 'donor', None) is not None]
-    state = hooks.unflatten(
-        jax.device_put(flat, setup.topology.replicated), state)
-    if config.hooks.post_init:
-      logging.info('Ran %d post_init hooks: %s.', len(config.hooks.post_init),
-                   [e['name'] for e in record['post_init']])
+                 surgery.init_from.path, record['init_from'].get('step'),
+                 len(surgery.built['pre_restore']))
   return state, record, report
 
 
-def plan(setup: setup_lib.Setup) -> tuple[hooks.Report, str]:
+def plan(setup: Any) -> tuple[hooks.Report, str]:
   """Runs the hooks a fresh start would run, abstractly (no memory, no writes).
 
   Args:
@@ -149,20 +197,12 @@ def plan(setup: setup_lib.Setup) -> tuple[hooks.Report, str]:
   Returns:
     The report and a one-line description of where the state comes from.
   """
-  report = hooks.Report()
-  config = setup.config
-  if config.init_from:
-    source = open_source(config.init_from, 'config.init_from')
-    ctx = context(setup, abstract=True, donor=source, report=report)
-    run_phase(setup, 'pre_restore', dict(source.structure()), ctx)
-    origin = f'init_from {source.path} (step {source.step})'
-  else:
-    ctx = context(setup, abstract=True, report=report)
-    run_phase(setup, 'post_init',
-              hooks.flatten(setup_lib.abstract_state(setup)), ctx)
-    origin = 'a fresh state'
-  return report, origin
-
+  surgery = prepare(setup)
+  _, report = _run(setup, surgery, dry_run=True)
+  if surgery.init_from is not None:
+    step = surgery.init_from.provenance().get('step')
+    return report, f'init_from {surgery.init_from.path} (step {step})'
+  return report, 'a fresh state'
 
 
 def write_report(workdir: str, report: hooks.Report) -> None:

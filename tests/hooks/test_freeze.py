@@ -10,8 +10,10 @@ import numpy as np
 import optax
 import pytest
 
+import hooks
 from hooks import flat as flat_lib
 from hooks import optim
+from hooks import schedule as schedule_lib
 from tests.hooks import helpers
 
 # hooks/__init__ exports the function `freeze`, which shadows the module.
@@ -74,7 +76,7 @@ def test_frozen_params_stay_bit_identical_under_weight_decay():
 
 
 def test_schedule_parse_and_phases():
-  schedule = freeze_lib.FreezeSchedule.parse(
+  schedule = schedule_lib.FreezeSchedule.parse(
       {'100': ['Conv_.*'], 0: ['Conv_.*', 'Dense_0/.*'], 200: []}
   )
   assert schedule.boundaries == (0, 100, 200)
@@ -83,7 +85,7 @@ def test_schedule_parse_and_phases():
   assert schedule.phase_at(100) == ('Conv_.*',)
   assert schedule.phase_at(10_000) == ()
   assert [schedule.phase_index(s) for s in (0, 150, 250)] == [0, 1, 2]
-  late = freeze_lib.FreezeSchedule.parse({5: ['Conv_.*']})
+  late = schedule_lib.FreezeSchedule.parse({5: ['Conv_.*']})
   assert late.phase_at(4) == () and late.phase_index(4) == -1
 
 
@@ -100,11 +102,11 @@ def test_schedule_parse_and_phases():
 )
 def test_schedule_errors(schedule, message):
   with pytest.raises(ValueError, match=message):
-    freeze_lib.FreezeSchedule.parse(schedule)
+    schedule_lib.FreezeSchedule.parse(schedule)
 
 
 def test_unfreeze_carries_slots_and_traces_once_per_phase():
-  schedule = freeze_lib.FreezeSchedule.parse(
+  schedule = schedule_lib.FreezeSchedule.parse(
       {0: ['Conv_.*', 'Dense_0/.*'], 3: ['Conv_.*'], 6: []}
   )
   base = _base_tx()
@@ -181,3 +183,38 @@ def test_xla_drops_gradient_work_of_frozen_params():
   full_flops = full_c.cost_analysis()['flops']
   frozen_flops = frozen_c.cost_analysis()['flops']
   assert frozen_flops < 0.6 * full_flops, (frozen_flops, full_flops)
+
+
+def test_freeze_uses_optax_partition_and_refreezes_from_the_base():
+  params = helpers.init_params()
+  tx = freeze_lib.freeze(_base_tx(), params, ['Conv_.*'])
+  assert isinstance(tx.init(params), optax.PartitionState)
+  again = freeze_lib.freeze(tx, params, ['Dense_0/.*'])
+  assert again.base is tx.base
+  assert freeze_lib.freeze(tx, params, []) is tx.base
+
+
+def test_freeze_state_in_a_plain_loop_keeps_edited_slots():
+  state = helpers.jitted_train_step(helpers.make_state(_base_tx()), *helpers.batch())
+  # Surgery edits slots (here: a marker value in one slot of a trainable param).
+  marked = state.opt_state[0].mu['Dense_1']['kernel'] + 123.0
+  opt_state = (state.opt_state[0]._replace(
+      mu={**state.opt_state[0].mu, 'Dense_1': {**state.opt_state[0].mu['Dense_1'],
+                                                'kernel': marked}}),
+               *state.opt_state[1:])
+  state = state.replace(opt_state=opt_state)
+  frozen = hooks.freeze_state(state, ['Conv_.*'])
+  flat = flat_lib.flatten(frozen)
+  assert flat[FROZEN_SLOT.format('mu', 'Dense_1/kernel')] is marked
+  assert not any('Conv_' in k for k in flat if k.startswith('opt_state/'))
+  # tx and opt_state agree: a step runs, frozen params stay bit-identical.
+  stepped = helpers.jitted_train_step(frozen, *helpers.batch(1))
+  assert _params_equal(stepped.params['Conv_0'], state.params['Conv_0'])
+  assert not _params_equal(stepped.params['Dense_1'], state.params['Dense_1'])
+  # Unfreezing: the carried slots stay, the convolutions' slots are fresh.
+  thawed = hooks.freeze_state(stepped, [])
+  assert thawed.tx is frozen.tx.base
+  thawed_flat = flat_lib.flatten(thawed)
+  np.testing.assert_array_equal(thawed_flat['opt_state/0/count/Conv_0/kernel'], 0)
+  assert (thawed_flat['opt_state/0/mu/Dense_1/kernel']
+          is flat_lib.flatten(stepped)[FROZEN_SLOT.format('mu', 'Dense_1/kernel')])
