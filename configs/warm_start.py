@@ -6,9 +6,9 @@ One override is needed, the donor:
       --config.hooks.post_init[0].donor=runs/donor
 
 Conv and dense tensors are copied from the donor's latest checkpoint; the
-head's rows follow the digit labels (a donor on digits 0-4 fills rows 0-4,
-the other rows keep their fresh init). Optimizer slots and the step start
-fresh.
+head's columns follow the digit labels (the trainer adds the labels of its
+head, `Dense_1`: a donor on digits 0-4 fills columns 0-4, the other columns
+keep their fresh init). Optimizer slots and the step start fresh.
 """
 
 import ml_collections
@@ -26,7 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
       'include': ('.*',),
       'exclude': (),
       'on_shape_mismatch': 'error',
-      'head': 'Dense_1',
       'opt_state': 'fresh',
       'step': 'reset',
   })]

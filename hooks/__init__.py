@@ -3,27 +3,27 @@
 A flat state maps '/'-joined keys (``params/Conv_0/kernel``,
 ``batch_stats/BatchNorm_0/mean``, ``opt_state/0/mu/Conv_0/kernel``,
 ``step``) to leaves; hooks are small pure functions over it, built from
-entries like ``{'name': 'reinit', 'patterns': ['head/.*']}``. In any loop::
+entries like ``{'name': 'reinit', 'patterns': ['head/.*']}``.
+``{'name': 'warm_start', 'donor': path}`` copies from a checkpoint saved any
+usual way (``open_donor``); ``hooks.restore(checkpoint, target, entries,
+rng=...)`` reads a checkpoint through hooks into ``target``; ``hooks.plan``
+is ``apply`` run abstractly (nothing read or allocated). In any loop, on a
+``TrainState`` (or subclass) ``state`` made by ``create_state(rng)``::
 
-  state = create_state(rng)                       # your TrainState
   state, report = hooks.apply(state, [
-      {'name': 'warm_start', 'donor': '/ckpts/donor'},
+      {'name': 'reinit', 'patterns': ['Dense_1/.*']},
   ], rng=rng, fresh=lambda: create_state(rng))
   print(report.table())
-  state = hooks.freeze_state(state, ['backbone/.*'])   # tx and slots agree
-
-``hooks.restore(checkpoint, target, entries, rng=...)`` reads a checkpoint
-(any form ``open_donor`` knows) through hooks into ``target``;
-``hooks.plan`` is ``apply`` run abstractly (nothing read or allocated).
+  state = hooks.freeze_state(state, ['Conv_0/.*'])   # tx and slots agree
 """
 
 from hooks import optim
 from hooks.api import apply_leaf
 from hooks.api import Context
-from hooks.api import DonorReader
 from hooks.api import HookError
 from hooks.api import HookFn
 from hooks.donors import DonorError
+from hooks.donors import DonorReader
 from hooks.donors import open_donor
 from hooks.flat import flatten
 from hooks.flat import flatten_raw
@@ -38,6 +38,7 @@ from hooks.freeze import stop_frozen_gradients
 from hooks.pipeline import apply
 from hooks.pipeline import plan
 from hooks.pipeline import restore
+from hooks.pipeline import run_flat
 from hooks.pipeline import Sources
 from hooks.registry import build
 from hooks.registry import get
@@ -96,6 +97,7 @@ __all__ = [
     'plan',
     'register',
     'restore',
+    'run_flat',
     'slot_index',
     'stop_frozen_gradients',
     'unflatten',

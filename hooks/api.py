@@ -14,13 +14,13 @@ and ``hooks.restore`` do.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
-import numpy as np
 
 from hooks import report as report_lib
+from hooks.readers import DonorReader
 
 __all__ = [
     'Context',
@@ -31,28 +31,6 @@ __all__ = [
 ]
 
 Flat = dict[str, Any]
-
-
-@runtime_checkable
-class DonorReader(Protocol):
-  """A checkpoint to copy from, read lazily (see ``hooks.open_donor``)."""
-
-  @property
-  def path(self) -> str:
-    """Where the checkpoint is, for messages and the report."""
-
-  @property
-  def metadata(self) -> Mapping[str, Any]:
-    """Small JSON items stored beside the tensors (item name -> value)."""
-
-  def structure(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """Returns key -> shape/dtype of every leaf, from metadata only."""
-
-  def read(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Reads only ``keys``."""
-
-  def provenance(self) -> dict[str, Any]:
-    """Returns path, form, step, item and the sha256 of what was read."""
 
 
 def _no_fresh() -> Flat:

@@ -1,359 +1,192 @@
-"""Donor checkpoints: read lazily, leaf by leaf, for warm starts.
+"""Donor checkpoints: found from what orbax or flax wrote, read lazily.
 
-``open_donor(path)`` returns a ``DonorReader`` (see ``hooks.api``) over
+``open_donor(path, item=None, step=None)`` looks at what is at ``path``:
 
-- an orbax run: a workdir (its latest step under ``checkpoints/``), a
-  checkpoints directory, or one step directory (``.../checkpoints/<step>``)
-  holding the items ``state`` and, optionally, ``meta`` (JSON with
-  ``classes``). ``structure()`` reads only orbax metadata and ``read(keys)``
-  restores only those leaves;
-- a legacy flax msgpack file (``flax.serialization`` bytes, e.g. a
-  ``flax.training.checkpoints`` file). The format has no separate metadata,
-  so the first ``structure()`` or ``read`` reads the whole file.
+- a directory orbax marked as a checkpoint (``ocp.PyTreeCheckpointer()
+  .metadata(dir).item_handlers``, from its ``_CHECKPOINT_METADATA``):
+  a dict of item names is a CheckpointManager step, read through its one
+  tensor item (``StandardSave`` or ``PyTreeSave``; ``item=`` picks one of
+  several) with its JSON items in ``reader.metadata``; a string is a
+  single-item directory (``StandardCheckpointer``, ``PyTreeCheckpointer``,
+  flax's orbax ``save_checkpoint``);
+- an item directory inside a step (tree metadata, no item handlers);
+- a checkpoint root: a directory whose entries are steps (``<n>`` or
+  ``<prefix>_<n>``: orbax checkpoint directories or flax msgpack files); the
+  latest step, or ``step=``;
+- any other directory holding exactly one CheckpointManager root among its
+  immediate subdirectories (a training workdir): read through that root;
+- a file: flax msgpack (a TrainState, params, a legacy ``flax.optim``
+  optimizer, flax's msgpack ``checkpoint_<n>``).
 
-Keys are those ``hooks.flatten_raw`` gives for the stored tree
-(``params/Conv_0/kernel``, ``opt_state/inner_state/0/mu/...``, ``step``;
-``target/...`` and ``state/...`` in a legacy ``flax.optim`` file). Dtypes are
-the ones JAX would hold (``int64`` is ``int32`` unless x64 is enabled). Every
-reader keeps a content hash of what it has read: ``digest()``.
+Orbax forms restore only the leaves asked for (``hooks.orbax_donor``); msgpack
+files are decoded whole (``hooks.readers``).
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import os
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
-import flax.serialization
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 
-from hooks import flat as flat_lib
+from hooks import orbax_donor
+from hooks.orbax_donor import OrbaxReader
+from hooks.readers import damaged
+from hooks.readers import DonorError
+from hooks.readers import DonorReader
+from hooks.readers import MsgpackReader
 
-__all__ = ['DonorError', 'MsgpackDonor', 'OrbaxDonor', 'open_donor']
+__all__ = ['DonorError', 'DonorReader', 'open_donor']
 
-_CHECKPOINTS = 'checkpoints'
 _EXPECTED = (
-    'expected an orbax workdir (with checkpoints/<step>/), a checkpoints '
-    'directory, a step directory (<workdir>/checkpoints/<step>) or a flax '
+    'expected an orbax CheckpointManager directory or one of its steps, a '
+    'StandardCheckpointer or PyTreeCheckpointer directory, a directory '
+    'holding one CheckpointManager directory (e.g. a workdir), or a flax '
     'msgpack file'
 )
 
 
-class DonorError(ValueError):
-  """A donor path does not hold a checkpoint that can be read."""
-
-
-def _canonical(dtype: Any) -> np.dtype:
-  return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
-
-
-class _Digest:
-  """sha256 over (key, dtype, shape, bytes) of every leaf read so far."""
-
-  def __init__(self) -> None:
-    self._parts: dict[str, str] = {}
-
-  def add(self, key: str, value: np.ndarray) -> None:
-    value = np.ascontiguousarray(value)
-    # Hash the buffer in place: `tobytes()` would copy the whole tensor.
-    data = hashlib.sha256(value.reshape(-1).view(np.uint8)).hexdigest()
-    self._parts[key] = f'{key}\0{value.dtype.name}\0{value.shape}\0{data}\n'
-
-  def hexdigest(self) -> str:
-    h = hashlib.sha256()
-    for key in sorted(self._parts):
-      h.update(self._parts[key].encode())
-    return h.hexdigest()
-
-
-def _check_keys(
-    path: str, keys: Sequence[str], known: Mapping[str, Any]
-) -> list[str]:
-  if isinstance(keys, str):
-    raise DonorError(f'read() takes a list of keys, got the string {keys!r}.')
-  keys = list(dict.fromkeys(keys))
-  unknown = [k for k in keys if k not in known]
-  if unknown:
-    lines = []
-    for k in unknown:
-      close = difflib.get_close_matches(k, list(known), n=3, cutoff=0.5)
-      lines.append(f'  {k}' + (f'  (did you mean {close}?)' if close else ''))
+def _check_step(path: str, where: str, own: int | None,
+                step: int | None) -> None:
+  if step is not None and step != own:
+    has = f'of step {own}' if own is not None else 'with no step number'
     raise DonorError(
-        f'Donor {path!r} has no key(s):\n' + '\n'.join(lines) +
-        f'\nIt has {len(known)} keys, e.g. {sorted(known)[:5]}.'
-    )
-  return keys
+        f'Donor {path!r}: step={step} was asked for, but {where} is one '
+        f'checkpoint {has}; step= picks a step of a checkpoint root (the '
+        'directory that holds the steps).')
 
 
-class OrbaxDonor:
-  """One step of an orbax ``CheckpointManager`` directory.
-
-  Attributes:
-    path: The path it was opened with.
-    step: The checkpoint step read.
-    classes: ``meta['classes']`` of that step, or None.
-  """
-
-  def __init__(self, path: str, ckpt_dir: str, step: int) -> None:
-    self._path = path
-    self.step = step
-    self._manager = ocp.CheckpointManager(
-        ckpt_dir,
-        item_handlers={
-            # StandardSave writes a PyTree checkpoint; the PyTree handler
-            # restores it with placeholders, i.e. leaf by leaf.
-            'state': ocp.PyTreeCheckpointHandler(),
-            'config': ocp.JsonCheckpointHandler(),
-            'meta': ocp.JsonCheckpointHandler(),
-        },
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-    )
-    step_dir = os.path.join(ckpt_dir, str(step))
-    if not os.path.isdir(os.path.join(step_dir, 'state')):
-      raise DonorError(
-          f'Donor {path!r}: step {step} in {ckpt_dir} has no "state" item; '
-          f'{_EXPECTED}.'
-      )
-    metadata = self._manager.item_metadata(step)['state']
-    self._tree = getattr(metadata, 'tree', metadata)
-    self._structure = {
-        key: jax.ShapeDtypeStruct(tuple(leaf.shape), _canonical(leaf.dtype))
-        for key, leaf in flat_lib.flatten(self._tree).items()
-    }
-    self._classes = self._read_classes(step_dir)
-    self._digest = _Digest()
-
-  def _read_classes(self, step_dir: str) -> tuple[int, ...] | None:
-    if not os.path.isdir(os.path.join(step_dir, 'meta')):
-      return None
-    meta = self._manager.restore(
-        self.step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-    )['meta']
-    classes = (meta or {}).get('classes')
-    return None if classes is None else tuple(int(c) for c in classes)
-
-  @property
-  def path(self) -> str:
-    return self._path
-
-  @property
-  def classes(self) -> tuple[int, ...] | None:
-    return self._classes
-
-  def structure(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """Returns key -> shape/dtype of every stored leaf, from orbax metadata."""
-    return dict(self._structure)
-
-  def read(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Reads only ``keys``, as host ``np.ndarray``s.
-
-    Every other leaf is an orbax placeholder, so its bytes are never read;
-    the stored arrays are read whole, whatever topology wrote them.
-
-    Args:
-      keys: Keys of ``structure()``.
-
-    Returns:
-      Key -> array, for exactly ``keys``.
-
-    Raises:
-      DonorError: If a key is not in the checkpoint.
-    """
-    keys = _check_keys(self._path, keys, self._structure)
-    if not keys:
-      return {}
-    wanted = set(keys)
-
-    def item_leaf(path, leaf):
-      if flat_lib.key_of(path) not in wanted:
-        return ocp.PLACEHOLDER
-      return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
-
-    item = jax.tree_util.tree_map_with_path(item_leaf, self._tree)
-    restore_args = jax.tree.map(
-        lambda leaf: (
-            ocp.PLACEHOLDER
-            if leaf is ocp.PLACEHOLDER
-            else ocp.RestoreArgs(restore_type=np.ndarray)
-        ),
-        item,
-    )
-    restored = self._manager.restore(
-        self.step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
-        ),
-    )['state']
-    flat = flat_lib.flatten(restored)
-    out = {}
-    for key in keys:
-      value = np.asarray(flat[key])
-      value = value.astype(self._structure[key].dtype, copy=False)
-      self._digest.add(key, value)
-      out[key] = value
-    return out
-
-  def digest(self) -> str:
-    """Returns the sha256 (hex) over every leaf read so far.
-
-    The hash covers, in key order, each key, dtype, shape and the sha256 of
-    its bytes; the same leaves read in any order give the same digest.
-    """
-    return self._digest.hexdigest()
-
-  def __repr__(self) -> str:
-    return f'OrbaxDonor({self._path!r}, step={self.step})'
-
-
-class MsgpackDonor:
-  """A flax msgpack file (``flax.serialization.msgpack_serialize`` bytes).
-
-  The format has no metadata apart from the data, so ``structure()`` reads
-  (and keeps) the whole file; later reads use that copy. It is decoded with
-  ``flax.serialization.msgpack_restore`` (never pickle).
-
-  Attributes:
-    path: The file.
-    step: Always None: the file has no checkpoint step (a legacy optimizer
-      keeps its own under ``state/step``).
-    classes: Always None: the format records no labels.
-  """
-
-  def __init__(self, path: str) -> None:
-    self._path = path
-    self.step = None
-    self._flat = self._load()
-    self._structure = None
-    self._digest = _Digest()
-
-  def _load(self) -> dict[str, np.ndarray]:
-    with open(self._path, 'rb') as f:
-      data = f.read()
-    try:
-      tree = flax.serialization.msgpack_restore(data)
-    except Exception as e:  # pylint: disable=broad-except
-      raise DonorError(
-          f'Donor {self._path!r} is a file but not flax msgpack '
-          f'({type(e).__name__}: {e}); {_EXPECTED}.'
-      ) from e
-    if not isinstance(tree, dict) or not tree:
-      raise DonorError(
-          f'Donor {self._path!r} decodes to a {type(tree).__name__}, not a '
-          f'non-empty dict of arrays; {_EXPECTED}.'
-      )
-    try:
-      flat = flat_lib.flatten_raw(tree)
-    except ValueError as e:
-      raise DonorError(f'Donor {self._path!r}: {e}') from e
-    out = {}
-    for key, value in flat.items():
-      value = np.asarray(value)
-      if value.dtype == object or value.dtype.kind in 'USV':
-        continue  # Strings and the like are not tensors.
-      out[key] = value.astype(_canonical(value.dtype), copy=False)
-    return out
-
-  @property
-  def path(self) -> str:
-    return self._path
-
-  @property
-  def classes(self) -> tuple[int, ...] | None:
-    return None
-
-  def structure(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """Returns key -> shape/dtype of every leaf (the file was read whole)."""
-    if self._structure is None:
-      self._structure = {
-          k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-          for k, v in self._flat.items()
-      }
-    return dict(self._structure)
-
-  def read(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Returns ``keys`` from the file's contents.
-
-    Args:
-      keys: Keys of ``structure()``.
-
-    Returns:
-      Key -> array, for exactly ``keys``.
-
-    Raises:
-      DonorError: If a key is not in the file.
-    """
-    keys = _check_keys(self._path, keys, self._flat)
-    for key in keys:
-      self._digest.add(key, self._flat[key])
-    return {key: self._flat[key] for key in keys}
-
-  def digest(self) -> str:
-    """Returns the sha256 (hex) over every leaf read so far (see OrbaxDonor)."""
-    return self._digest.hexdigest()
-
-  def __repr__(self) -> str:
-    return f'MsgpackDonor({self._path!r})'
-
-
-def _steps(ckpt_dir: str) -> list[int]:
-  if not os.path.isdir(ckpt_dir):
-    return []
-  return sorted(ocp.path.step.checkpoint_steps(ckpt_dir))
-
-
-def _step_of(name: str) -> int | None:
-  try:
-    return ocp.path.step.step_from_checkpoint_name(name)
-  except ValueError:
-    return None
-
-
-def _latest(path: str, ckpt_dir: str, what: str) -> OrbaxDonor:
-  steps = _steps(ckpt_dir)
-  if not steps:
+def _check_item(path: str, where: str, own: str | None,
+                item: str | None) -> None:
+  if item is not None and item != own:
     raise DonorError(
-        f'Donor {path!r}: {what} {ckpt_dir} holds no finished checkpoint '
-        f'step; {_EXPECTED}.'
-    )
-  return OrbaxDonor(path, ckpt_dir, steps[-1])
+        f'Donor {path!r}: item={item!r} was asked for, but {where} is a '
+        f'single-item checkpoint (item {own!r}); item= picks an item of a '
+        'CheckpointManager step.')
 
 
-def open_donor(path: str) -> OrbaxDonor | MsgpackDonor:
-  """Opens a donor checkpoint for lazy reading.
+def _open_step(path: str, step_dir: str, handlers: dict[str, Any],
+               item: str | None) -> OrbaxReader:
+  item, jsons = orbax_donor.pick_item(path, step_dir, handlers, item)
+  item_dir = os.path.join(step_dir, item)
+  tree = orbax_donor.metadata(path, item_dir).item_metadata
+  if tree is None:
+    raise damaged(path, step_dir, f'its item {item!r} has no tree metadata')
+  return OrbaxReader(
+      path, 'orbax-manager-step', item_dir, tree, step_dir=step_dir,
+      step=orbax_donor.step_of(os.path.basename(step_dir)), item=item,
+      metadata=orbax_donor.read_json(path, step_dir, jsons))
+
+
+def _open_item(path: str, item_dir: str, tree: Any, item: str | None,
+               step: int | None) -> OrbaxReader:
+  """An item directory; inside a step, it takes the step's JSON items."""
+  step_dir, name = os.path.split(item_dir)
+  handlers = orbax_donor.metadata(path, step_dir).item_handlers
+  if not isinstance(handlers, dict) or name not in handlers:
+    _check_item(path, item_dir, None, item)
+    _check_step(path, item_dir, None, step)
+    return OrbaxReader(path, 'orbax-pytree', item_dir, tree, step_dir=item_dir)
+  _check_item(path, item_dir, name, item)
+  own = orbax_donor.step_of(os.path.basename(step_dir))
+  _check_step(path, item_dir, own, step)
+  jsons = orbax_donor.pick_item(path, step_dir, handlers, name)[1]
+  return OrbaxReader(path, 'orbax-item', item_dir, tree, step_dir=step_dir,
+                     step=own, item=name,
+                     metadata=orbax_donor.read_json(path, step_dir, jsons))
+
+
+def _open_root(path: str, root: str, steps: dict[int, str], item: str | None,
+               step: int | None) -> DonorReader:
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise DonorError(
+        f'Donor {path!r}: {root} has no checkpoint of step {step}; its '
+        f'steps are {sorted(steps)}.')
+  entry = steps[step]
+  if os.path.isfile(entry):
+    _check_item(path, entry, None, item)
+    return MsgpackReader(path, entry, step)
+  return _open_dir(path, entry, item, step)
+
+
+def _open_dir(path: str, directory: str, item: str | None,
+              step: int | None) -> DonorReader:
+  found = orbax_donor.metadata(path, directory)
+  handlers, tree = found.item_handlers, found.item_metadata
+  own = orbax_donor.step_of(os.path.basename(directory))
+  if isinstance(handlers, dict):
+    _check_step(path, directory, own, step)
+    return _open_step(path, directory, handlers, item)
+  if handlers is not None:
+    name = orbax_donor.handler_name(handlers)
+    form = orbax_donor.TENSOR_FORMS.get(name)
+    if form is None:
+      raise DonorError(
+          f'Donor {path!r}: {directory} is a single-item orbax checkpoint '
+          f'written by {name}, not a tree of tensors; {_EXPECTED}.')
+    _check_item(path, directory, None, item)
+    _check_step(path, directory, own, step)
+    if tree is None:
+      raise damaged(path, directory, 'it has no tree metadata (_METADATA)')
+    return OrbaxReader(path, form, directory, tree, step_dir=directory,
+                       step=own)
+  if tree is not None:
+    return _open_item(path, directory, tree, item, step)
+  steps = orbax_donor.steps(path, directory, files=True)
+  if steps:
+    return _open_root(path, directory, steps, item, step)
+  subdirs = sorted(e.path for e in os.scandir(directory) if e.is_dir())
+  roots = {d: s for d in subdirs
+           if (s := orbax_donor.steps(path, d, files=False))}
+  if len(roots) == 1:
+    (root, steps), = roots.items()
+    return _open_root(path, root, steps, item, step)
+  if roots:
+    raise DonorError(
+        f'Donor {path!r} holds {len(roots)} CheckpointManager directories '
+        f'{[os.path.basename(r) for r in roots]}; pass the one you mean as '
+        'the path.')
+  raise DonorError(
+      f'Donor {path!r}: found no checkpoint in {directory}: orbax did not '
+      'mark it as a checkpoint, it holds no checkpoint steps (<n> or '
+      '<prefix>_<n>), and none of its subdirectories is a CheckpointManager '
+      f'directory; {_EXPECTED}.')
+
+
+def open_donor(path: str | os.PathLike[str], *, item: str | None = None,
+               step: int | None = None) -> DonorReader:
+  """Opens a donor checkpoint for lazy reading, whatever wrote it.
 
   Args:
-    path: An orbax workdir (the latest step of ``<path>/checkpoints`` is
-      used), a checkpoints directory (its latest step), a step directory
-      ``<workdir>/checkpoints/<step>``, or a flax msgpack file.
+    path: A checkpoint as orbax or flax wrote it (see the module docstring):
+      a CheckpointManager directory or step, a single-item orbax directory,
+      an item directory, a directory holding one CheckpointManager directory,
+      or a flax msgpack file.
+    item: The CheckpointManager item to read, when a step has several tensor
+      items.
+    step: The step to read from a checkpoint root (default: the latest).
 
   Returns:
-    An ``OrbaxDonor`` or a ``MsgpackDonor`` (both ``hooks.DonorReader``s with
-    ``digest()``).
+    A ``DonorReader`` (``path``, ``form``, ``step``, ``item``, ``metadata``,
+    ``structure()``, ``read(keys)``, ``digest()``, ``provenance()``).
 
   Raises:
-    DonorError: If nothing is at ``path``, a directory holds no finished
-      orbax checkpoint, or a file is not flax msgpack.
+    DonorError: If nothing readable is at ``path``, the choice is ambiguous
+      (several tensor items or roots), ``item``/``step`` is not there, or
+      the checkpoint is damaged.
   """
   # orbax reads absolute paths only; '~' is the user's, as on a shell.
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if not os.path.exists(path):
     raise DonorError(f'Donor {path!r} does not exist; {_EXPECTED}.')
   if os.path.isfile(path):
-    donor = MsgpackDonor(path)
-  elif os.path.isdir(os.path.join(path, _CHECKPOINTS)):
-    donor = _latest(path, os.path.join(path, _CHECKPOINTS), 'its directory')
+    own = orbax_donor.step_of(os.path.basename(path))
+    _check_item(path, path, None, item)
+    _check_step(path, path, own, step)
+    reader = MsgpackReader(path, path, own)
   else:
-    parent, name = os.path.split(os.path.normpath(path))
-    step = _step_of(name)
-    if step is not None and step in _steps(parent):
-      donor = OrbaxDonor(path, parent, step)
-    else:
-      donor = _latest(path, path, 'the directory')
-  logging.info('Donor %s: %r, classes %s.', path, donor, donor.classes)
-  return donor
-
+    reader = _open_dir(path, path, item, step)
+  logging.info('Donor %s: %r.', path, reader)
+  return reader

@@ -24,7 +24,8 @@ from hooks import registry
 from hooks import report as report_lib
 from hooks import validation
 
-__all__ = ['Entry', 'Sources', 'apply', 'build_all', 'plan', 'restore']
+__all__ = ['Entry', 'Sources', 'apply', 'build_all', 'plan', 'restore',
+           'run_flat']
 
 State = TypeVar('State')
 Flat = dict[str, Any]
@@ -202,6 +203,48 @@ def _finish(ctx: api.Context, sources: Sources) -> report_lib.Report:
   return ctx.report
 
 
+def run_flat(
+    flat: Mapping[str, Any],
+    entries: Sequence[Entry],
+    *,
+    expected: Mapping[str, jax.ShapeDtypeStruct],
+    rng: jax.Array,
+    fresh: Callable[[], Any] | None = None,
+    sources: Sources | None = None,
+    checkpoint: api.DonorReader | None = None,
+    validate_each: bool = True,
+) -> tuple[Flat, report_lib.Report]:
+  """The pipeline on a flat state: hooks, then the structure check.
+
+  ``apply`` and ``restore`` run through it; use it to test a hook over a
+  flat dict. Leaves are abstract (plan mode) when any is a
+  ``jax.ShapeDtypeStruct``.
+
+  Args:
+    flat: The flat state; it is not modified.
+    entries: Hook entries or built hooks.
+    expected: Key -> shape/dtype the result must have.
+    rng: A PRNG key; each hook gets its own fold.
+    fresh: Returns a fresh target state (a pytree or a flat dict).
+    sources: Where donors are opened, once each.
+    checkpoint: The checkpoint being restored, if any (``ctx.checkpoint``).
+    validate_each: Check the structure after every hook (the input must
+      have it already), not only after the last.
+
+  Returns:
+    ``(new flat state, report)``.
+
+  Raises:
+    HookError, StructureError, ValueError: As for ``apply``.
+  """
+  hooks = build_all(entries)
+  sources = sources or Sources()
+  ctx = _context(expected, rng, fresh, sources, _is_abstract(flat), checkpoint)
+  result = _run(dict(flat), hooks, ctx, validate_each)
+  logging.info('Ran %d hooks: %s.', len(hooks), [name for name, _ in hooks])
+  return result, _finish(ctx, sources)
+
+
 def apply(
     state: State,
     entries: Sequence[Entry],
@@ -241,19 +284,16 @@ def apply(
     StructureError: If a hook changes the state's keys, shapes or dtypes.
     ValueError, UnknownHookError: If an entry cannot be built.
   """
-  hooks = build_all(entries)
-  sources = sources or Sources()
   flat = flat_lib.flatten(state)
   abstract = dry_run or _is_abstract(flat)
   if abstract:
     flat = flat_lib.flatten(_abstract(state))
-  expected = validation.expected_structure(flat)
-  ctx = _context(expected, rng, fresh, sources, abstract)
-  result = _run(flat, hooks, ctx, validate_each=True)
+  result, report = run_flat(
+      flat, entries, expected=validation.expected_structure(flat), rng=rng,
+      fresh=fresh, sources=sources, validate_each=True)
   if not abstract:
     result = _place(result, flat)
-  logging.info('Ran %d hooks: %s.', len(hooks), [name for name, _ in hooks])
-  return flat_lib.unflatten(result, state), _finish(ctx, sources)
+  return flat_lib.unflatten(result, state), report
 
 
 def plan(state: Any, entries: Sequence[Entry], *, rng: jax.Array,
@@ -310,30 +350,26 @@ def restore(
     DonorError: If the checkpoint cannot be read.
     HookError, StructureError, ValueError: As for ``apply``.
   """
-  hooks = build_all(entries)
   sources = sources or Sources()
   if isinstance(checkpoint, (str, os.PathLike)):
     reader = sources.open(checkpoint)
   else:
     reader = checkpoint
   target_flat = flat_lib.flatten(target)
-  expected = validation.expected_structure(target_flat)
   structure = reader.structure()
-  if dry_run:
-    flat = dict(structure)
-  else:
-    flat = reader.read(list(structure))
-  ctx = _context(expected, rng, fresh, sources, dry_run, checkpoint=reader)
-  result = _run(flat, hooks, ctx, validate_each=False)
+  flat = dict(structure) if dry_run else reader.read(list(structure))
+  result, report = run_flat(
+      flat, entries, expected=validation.expected_structure(target_flat),
+      rng=rng, fresh=fresh, sources=sources, checkpoint=reader,
+      validate_each=False)
   if dry_run:
     result = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                       sharding=_sharding(target_flat[k]))
               for k, v in result.items()}
   else:
     result = _place(result, target_flat, default=True)
-  report = _finish(ctx, sources)
   if reader not in sources.readers():
     report.add_source(reader.provenance())
-  logging.info('Restored %s through %d hooks.', reader.path, len(hooks))
+  logging.info('Restored %s through %d hooks.', reader.path, len(entries))
   return flat_lib.unflatten(result, target), report
 

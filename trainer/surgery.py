@@ -61,6 +61,15 @@ def _classes(reader: hooks.DonorReader) -> list[int] | None:
   return None if classes is None else [int(c) for c in classes]
 
 
+def _head_labels(spec: dict[str, Any], head: str, donor: list[int] | None,
+                 target: list[int]) -> dict[str, Any]:
+  if spec.get('layers') == head:
+    spec.setdefault('target', target)
+    if donor is not None:
+      spec.setdefault('donor', donor)
+  return spec
+
+
 def _complete(entry: dict[str, Any], phase: str, index: int, setup: Any,
               sources: hooks.Sources,
               init_from: hooks.DonorReader | None) -> dict[str, Any]:
@@ -70,13 +79,18 @@ def _complete(entry: dict[str, Any], phase: str, index: int, setup: Any,
   target = [int(c) for c in config.classes]
   entry = dict(entry)
   name = entry.get('name')
-  if name in _DONOR_HOOKS and 'labels' not in entry and entry.get('donor'):
+  if name in _DONOR_HOOKS and entry.get('donor'):
     reader = _open(sources, entry['donor'],
                    f'config.hooks.{phase}[{index}].donor')
     donor = _classes(reader)
-    if donor is not None:
-      entry['labels'] = [{'layers': head, 'axis': -1, 'donor': donor,
-                          'target': target}]
+    if 'labels' not in entry:
+      if donor is not None:
+        entry['labels'] = [{'layers': head, 'axis': -1, 'donor': donor,
+                            'target': target}]
+    else:  # The run's own labels for a head spec that leaves them out.
+      entry['labels'] = [
+          _head_labels(dict(spec), head, donor, target)
+          for spec in entry['labels']]
   elif name == 'resize_head':
     entry.setdefault('layer', head)
     entry.setdefault('to_classes', target)
@@ -176,7 +190,10 @@ def start(setup: Any) -> tuple[TrainState, dict[str, Any], hooks.Report]:
   surgery = prepare(setup)
   state, report = _run(setup, surgery, dry_run=False)
   record: dict[str, Any] = dict(surgery.entries)
-  sources = report.sources
+  # The record goes into every checkpoint: the number of tensors read, not
+  # their keys (surgery_report.json has those).
+  sources = [{**s, 'keys_read': len(s.get('keys_read', ()))}
+             for s in report.sources]
   init_path = surgery.init_from.path if surgery.init_from else None
   record['init_from'] = next(
       (s for s in sources if s.get('path') == init_path), None)

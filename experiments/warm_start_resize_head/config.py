@@ -30,8 +30,7 @@ def donor_config(tiny: bool) -> ml_collections.ConfigDict:
 def warm_start(**overrides) -> ml_collections.ConfigDict:
   """The warm_start hook entry of configs/warm_start.py, donor set per seed."""
   entry = dict(donor='', include=('.*',), exclude=(),
-               on_shape_mismatch='error', head='Dense_1', opt_state='fresh',
-               step='reset')
+               on_shape_mismatch='error', opt_state='fresh', step='reset')
   entry.update(overrides)
   return common.hook('warm_start', **entry)
 
@@ -52,7 +51,7 @@ def arms(target: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   out.warm_resized.hooks.post_init = [warm_start()]
   out.warm_reinit = copy.deepcopy(target)
   out.warm_reinit.hooks.post_init = [warm_start(exclude=('Dense_1/.*',),
-                                                head='')]
+                                                labels=())]
   out.scratch = copy.deepcopy(target)
   return out
 

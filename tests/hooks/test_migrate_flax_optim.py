@@ -51,12 +51,11 @@ def _step(state, images, labels):
 
 def _migrate(legacy_flat, target_state, abstract=False):
   target = flat_lib.flatten(target_state)
-  ctx = api.Context(
-      validation.expected_structure(target), jax.random.key(0), lambda: dict(target),
-      abstract=abstract,
-  )
-  out = hooks.run_hooks(legacy_flat, [{'name': 'migrate_flax_optim'}], ctx)
-  return out, ctx.report
+  del abstract  # Abstract leaves make an abstract run.
+  return hooks.run_flat(
+      legacy_flat, [{'name': 'migrate_flax_optim'}],
+      expected=validation.expected_structure(target), rng=jax.random.key(0),
+      fresh=lambda: dict(target), validate_each=False)
 
 
 def _read_msgpack(path):

@@ -55,4 +55,4 @@ def test_usage_example_in_the_package_docstring_runs():
       new_state.params['Dense_1']['kernel'], helpers.init_params(1)['Dense_1']['kernel']
   )
   assert new_state.params['Dense_0']['kernel'] is state.params['Dense_0']['kernel']
-  assert 'reinitialized' in namespace['ctx'].report.table()
+  assert 'reinitialized' in namespace['report'].table()

@@ -18,9 +18,9 @@ def flat():
 
 
 def _run(flat, expected, **params):
-  ctx = api.Context(expected, jax.random.key(0), lambda: {})
-  out = hooks.run_hooks(flat, [{'name': 'rename', **params}], ctx)
-  return out, ctx.report
+  return hooks.run_flat(flat, [{'name': 'rename', **params}],
+                        expected=expected, rng=jax.random.key(0),
+                        validate_each=False)
 
 
 def _renamed(flat, old, new):
@@ -36,7 +36,7 @@ def test_renames_params_and_slots_keeping_values_and_order(flat):
   assert 'opt_state/0/count/head/kernel' in out
   assert report.actions('opt_state/0/nu/head/bias')[0].describe() == (
       'renamed from opt_state/0/nu/Dense_1/bias')
-  assert report.actions('params/Dense_0/kernel') == [api.Action('unchanged')]
+  assert report.actions('params/Dense_0/kernel') == [hooks.Action('unchanged')]
 
 
 def test_swap_and_first_rule_wins(flat):

@@ -147,15 +147,23 @@ def test_legacy_flax_optim_checkpoint_continues_training(tmp_path):
 BAD = [
     ('donor missing', dict(post_init=[{'name': 'warm_start',
                                         'donor': '/nonexistent/donor'}]),
-     ConfigError, r'/nonexistent/donor'),
+     CheckpointError, r'post_init\[0\]\.donor=.*/nonexistent/donor'),
     ('donor shape mismatch', dict(post_init=[{'name': 'warm_start',
                                                'donor': 'DONOR',
-                                               'head': None}]),
+                                               'labels': []}]),
      SurgeryError, r'(?s)Dense_1/bias.*Dense_1/kernel'),
-    ('class map digit the donor lacks',
+    ('label map digit the donor lacks',
      dict(post_init=[{'name': 'warm_start', 'donor': 'DONOR',
-                      'class_map': {9: 7}}]),
-     SurgeryError, r'donor digit\(s\) \[7\] not in the donor classes'),
+                      'labels': [{'layers': 'Dense_1', 'map': {9: 7}}]}]),
+     SurgeryError, r'7'),
+    ('label map without a named layer',
+     dict(post_init=[{'name': 'warm_start', 'donor': 'DONOR',
+                      'labels': [{'map': {9: 4}}]}]),
+     ConfigError, r"post_init\[0\].*'layers'"),
+    ('class_map is no parameter any more',
+     dict(post_init=[{'name': 'warm_start', 'donor': 'DONOR',
+                      'class_map': {9: 4}}]),
+     ConfigError, r"unknown parameter\(s\) \['class_map'\]"),
     ('init_from missing', dict(init_from='/nonexistent/run'),
      CheckpointError, r'init_from=.*/nonexistent/run'),
     ('init_from not a checkpoint', dict(init_from='CONFIGS'),
@@ -182,3 +190,27 @@ def test_bad_surgery_input_fails_before_writing(donor, tmp_path, name, change,
   with pytest.raises(error, match=pattern):
     train.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
+
+
+def test_plan_and_start_each_open_a_donor_once(donor, tmp_path, monkeypatch,
+                                               capsys):
+  import hooks  # pylint: disable=import-outside-toplevel
+  from trainer import plan  # pylint: disable=import-outside-toplevel
+  opened = []
+  original = hooks.donors.open_donor
+
+  def counting(path, **kwargs):
+    opened.append(path)
+    return original(path, **kwargs)
+
+  monkeypatch.setattr(hooks.donors, 'open_donor', counting)
+  args = [f'--config={WARM}', f'--workdir={tmp_path / "run"}',
+          '--config.data_source=embedded', '--config.num_train_steps=2',
+          '--config.eval_every_steps=2', '--config.progress_bar=off',
+          f'--config.hooks.post_init[0].donor={donor}']
+  assert plan.main(['plan', *args]) == 0
+  assert 'copied' in capsys.readouterr().out
+  assert opened == [donor]
+  opened.clear()
+  assert main(['trainer', *args]) == 0
+  assert opened == [donor]

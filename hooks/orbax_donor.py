@@ -1,0 +1,228 @@
+"""Orbax donors: what orbax wrote in a directory, and a lazy reader of it.
+
+Everything is read through orbax's public API: ``ocp.PyTreeCheckpointer()
+.metadata(dir)`` gives a directory's ``item_handlers`` (from its
+``_CHECKPOINT_METADATA``: a dict of item names for a CheckpointManager step,
+a string for a single-item directory, None otherwise) and its tree metadata
+(a PyTree item's ``_METADATA``; None for a whole step). ``OrbaxReader``
+restores only the leaves asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from hooks import flat as flat_lib
+from hooks.readers import canonical
+from hooks.readers import damaged
+from hooks.readers import DonorError
+from hooks.readers import Reader
+
+__all__ = ['OrbaxReader', 'TENSOR_FORMS', 'handler_name', 'metadata',
+           'pick_item', 'read_json', 'step_of', 'steps']
+
+# The handlers whose items are trees of tensors, and the form each names.
+TENSOR_FORMS = {
+    ocp.StandardCheckpointHandler.__name__: 'orbax-standard',
+    ocp.PyTreeCheckpointHandler.__name__: 'orbax-pytree',
+}
+_JSON = ocp.JsonCheckpointHandler.__name__
+
+
+def handler_name(handler: Any) -> str:
+  """``'StandardCheckpointHandler'`` for orbax's recorded handler path."""
+  return str(handler).rsplit('.', 1)[-1] if handler else str(handler)
+
+
+def step_of(name: str) -> int | None:
+  """The step orbax's and flax's names give (``7``, ``checkpoint_7``)."""
+  if name.isdigit():
+    return int(name)
+  match = re.fullmatch(ocp.path.step.ALLOWED_STEP_NAME_PATTERN, name)
+  return int(match.group(2)) if match else None
+
+
+def _cause(e: Exception) -> str:
+  """One line of an orbax or tensorstore error, for a message."""
+  line = (str(e).strip().splitlines() or [''])[0][:300]
+  return f'{type(e).__name__}: {line}'
+
+
+def metadata(path: str, directory: str) -> Any:
+  """``StepMetadata`` of ``directory``: ``item_handlers``, ``item_metadata``.
+
+  Args:
+    path: The donor path, for messages.
+    directory: Any directory; one orbax did not write gives None for both.
+
+  Returns:
+    orbax's ``StepMetadata``.
+
+  Raises:
+    DonorError: If orbax's metadata files there cannot be read.
+  """
+  try:
+    return ocp.PyTreeCheckpointer().metadata(directory)
+  except Exception as e:  # pylint: disable=broad-except
+    raise damaged(path, directory,
+                  f'its orbax metadata cannot be read ({_cause(e)})') from None
+
+
+def steps(path: str, directory: str, files: bool) -> dict[int, str]:
+  """Step -> entry of the step-named checkpoints in ``directory``.
+
+  Args:
+    path: The donor path, for messages.
+    directory: A checkpoint root, or any directory.
+    files: Whether step-named files count (flax msgpack ``checkpoint_<n>``).
+
+  Returns:
+    Step -> path of each entry named ``<n>`` or ``<prefix>_<n>`` that orbax
+    marked as a checkpoint (or, with ``files``, that is a file).
+
+  Raises:
+    DonorError: If two entries name the same step.
+  """
+  found: dict[int, str] = {}
+  for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+    step = step_of(entry.name)
+    if step is None:
+      continue
+    if entry.is_dir():
+      try:
+        if metadata(path, entry.path).item_handlers is None:
+          continue  # A directory orbax did not mark as a checkpoint.
+      except DonorError:
+        pass  # A damaged step: opening it says so.
+    elif not (files and entry.is_file()):
+      continue
+    if step in found:
+      raise DonorError(
+          f'Donor {path!r}: {directory} holds two checkpoints of step {step}: '
+          f'{found[step]} and {entry.path}; pass the one you mean as the '
+          'path.')
+    found[step] = entry.path
+  return found
+
+
+def pick_item(path: str, step_dir: str, handlers: Mapping[str, Any],
+              item: str | None) -> tuple[str, list[str]]:
+  """The tensor item to read and the JSON items of a CheckpointManager step.
+
+  Args:
+    path: The donor path, for messages.
+    step_dir: The step directory.
+    handlers: Its ``item_handlers`` (item name -> handler).
+    item: The item asked for, or None for the only tensor item.
+
+  Returns:
+    The tensor item's name and the names of the JSON items.
+
+  Raises:
+    DonorError: If there is no tensor item, several and no ``item``, or
+      ``item`` is not a tensor item.
+  """
+  kinds = {name: handler_name(h) for name, h in sorted(handlers.items())}
+  tensors = [name for name, kind in kinds.items() if kind in TENSOR_FORMS]
+  jsons = [name for name, kind in kinds.items() if kind == _JSON]
+  where = f'the CheckpointManager step {step_dir}'
+  if item is None and len(tensors) == 1:
+    return tensors[0], jsons
+  if item is None and not tensors:
+    raise DonorError(
+        f'Donor {path!r}: {where} has no tensor item (its items: {kinds}); '
+        'expected an item saved with ocp.args.StandardSave or PyTreeSave.')
+  if item is None:
+    raise DonorError(
+        f'Donor {path!r}: {where} has {len(tensors)} tensor items {tensors}; '
+        'pass item= with the one to read.')
+  if item not in tensors:
+    what = 'a JSON item' if item in jsons else 'not an item'
+    close = difflib.get_close_matches(item, tensors, n=1, cutoff=0.5)
+    hint = f' (did you mean {close[0]!r}?)' if close else ''
+    raise DonorError(
+        f'Donor {path!r}: item={item!r} is {what} of {where}{hint}; its '
+        f'tensor items are {tensors}.')
+  return item, jsons
+
+
+def read_json(path: str, step_dir: str, names: list[str]) -> dict[str, Any]:
+  """Reads the (small) JSON items ``names`` of a CheckpointManager step."""
+  if not names:
+    return {}
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
+        **{name: ocp.args.JsonRestore() for name in names}))
+  except Exception as e:  # pylint: disable=broad-except
+    raise damaged(path, step_dir, f'reading its JSON items {names} failed '
+                  f'({_cause(e)})') from None
+  finally:
+    checkpointer.close()
+  return {name: restored[name] for name in names}
+
+
+class OrbaxReader(Reader):
+  """One orbax PyTree item directory, read leaf by leaf.
+
+  Args:
+    path: The path the donor was opened with.
+    form: What was found there.
+    item_dir: The directory of the PyTree item (``_METADATA`` and data).
+    tree: Its orbax tree metadata (``metadata(item_dir).item_metadata``).
+    step_dir: The checkpoint step directory, named in errors.
+    step, item, metadata: See ``DonorReader``.
+
+  Raises:
+    DonorError: If the tree metadata lists no tensors.
+  """
+
+  def __init__(self, path: str, form: str, item_dir: str, tree: Any, *,
+               step_dir: str, step: int | None = None,
+               item: str | None = None,
+               metadata: dict[str, Any] | None = None) -> None:
+    self._tree = getattr(tree, 'tree', tree)
+    structure = {
+        key: jax.ShapeDtypeStruct(tuple(leaf.shape), canonical(leaf.dtype))
+        for key, leaf in flat_lib.flatten(self._tree).items()
+        if getattr(leaf, 'shape', None) is not None  # Not a string leaf.
+    }
+    if not structure:
+      # orbax gives an empty tree, silently, for e.g. a whole step directory.
+      raise DonorError(
+          f'Donor {path!r}: the orbax item {item_dir} lists no tensors in its '
+          'metadata; expected a checkpoint of arrays (a TrainState or params).')
+    super().__init__(path, form, step, item, metadata or {}, structure)
+    self._item_dir, self._step_dir = item_dir, step_dir
+
+  def _read(self, keys: list[str]) -> Mapping[str, Any]:
+    """Restores ``keys``; every other leaf is a placeholder, never read."""
+    wanted = set(keys)
+
+    def target(path, leaf):
+      if flat_lib.key_of(path) not in wanted:
+        return ocp.PLACEHOLDER
+      return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+
+    item = jax.tree_util.tree_map_with_path(target, self._tree)
+    restore_args = jax.tree.map(
+        lambda leaf: (leaf if leaf is ocp.PLACEHOLDER
+                      else ocp.RestoreArgs(restore_type=np.ndarray)), item)
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(
+          self._item_dir,
+          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+    except Exception as e:  # pylint: disable=broad-except
+      # No tensorstore traceback: the checkpoint, not the caller, is at fault.
+      raise damaged(self.path, self._step_dir,
+                    f'reading {len(keys)} tensor(s) of {self._item_dir} '
+                    f'failed ({_cause(e)})') from None
+    return flat_lib.flatten(restored)
