@@ -38,8 +38,8 @@ from hooks.freeze import stop_frozen_gradients
 from hooks.pipeline import apply
 from hooks.pipeline import plan
 from hooks.pipeline import restore
-from hooks.pipeline import run_flat
-from hooks.pipeline import Sources
+from hooks.runner import run_flat
+from hooks.sources import Sources
 from hooks.registry import build
 from hooks.registry import get
 from hooks.registry import names

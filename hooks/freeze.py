@@ -13,7 +13,6 @@ still exists is carried over by key (``carry_opt_state``); in a plain loop,
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any

@@ -9,7 +9,6 @@ plan), open each donor once through ``Sources`` and return the report.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -18,134 +17,18 @@ from absl import logging
 import jax
 
 from hooks import api
-from hooks import donors
 from hooks import flat as flat_lib
-from hooks import registry
 from hooks import report as report_lib
 from hooks import validation
+from hooks.runner import Entry
+from hooks.runner import is_abstract
+from hooks.runner import run_flat
+from hooks.sources import Sources
 
-__all__ = ['Entry', 'Sources', 'apply', 'build_all', 'plan', 'restore',
-           'run_flat']
+__all__ = ['apply', 'plan', 'restore']
 
 State = TypeVar('State')
 Flat = dict[str, Any]
-Entry = Mapping[str, Any] | api.HookFn
-
-
-class Sources:
-  """Opens each checkpoint once per run, and says what was read from it.
-
-  Pass one ``Sources`` to several calls (or open a donor with it before the
-  run, e.g. to read its metadata) and each path is still opened once.
-  """
-
-  def __init__(self) -> None:
-    self._readers: dict[tuple[str, Any, Any], api.DonorReader] = {}
-
-  def open(self, path: str | os.PathLike[str], *, item: str | None = None,
-           step: int | None = None) -> api.DonorReader:
-    """Returns the reader of ``path``, opening it on first use.
-
-    Args:
-      path: A checkpoint in any form ``hooks.open_donor`` reads.
-      item: The CheckpointManager item to read, when a step has several.
-      step: The step of a CheckpointManager root; default the latest.
-
-    Returns:
-      The reader (the same object for the same arguments).
-
-    Raises:
-      DonorError: If nothing readable is at ``path``.
-    """
-    key = (os.path.abspath(os.path.expanduser(os.fspath(path))), item, step)
-    if key not in self._readers:
-      self._readers[key] = donors.open_donor(key[0], item=item, step=step)
-    return self._readers[key]
-
-  def readers(self) -> list[api.DonorReader]:
-    """Returns the readers opened so far, in opening order."""
-    return list(self._readers.values())
-
-
-def _named(entry: Entry) -> tuple[str, api.HookFn]:
-  if callable(entry) and not isinstance(entry, Mapping):
-    return getattr(entry, '__name__', repr(entry)), entry
-  return str(dict(entry.items()).get('name')), registry.build(entry)
-
-
-def build_all(entries: Sequence[Entry]) -> list[tuple[str, api.HookFn]]:
-  """Builds every entry (no I/O), so a bad one fails before any hook runs.
-
-  Args:
-    entries: Entries ``{'name': ..., **params}`` or built hook functions.
-
-  Returns:
-    ``(name, hook_fn)`` pairs; built functions pass through.
-
-  Raises:
-    ValueError, UnknownHookError: If an entry cannot be built.
-  """
-  if isinstance(entries, Mapping) or callable(entries):
-    raise ValueError(
-        f'Hook entries must be a list, got {type(entries).__name__}; wrap a '
-        'single entry in [...].'
-    )
-  return [_named(entry) for entry in entries]
-
-
-def _once(fn: Callable[[], Flat]) -> Callable[[], Flat]:
-  cache: list[Flat] = []
-
-  def wrapper() -> Flat:
-    if not cache:
-      cache.append(fn())
-    return dict(cache[0])  # A hook may edit its copy.
-
-  return wrapper
-
-
-def _fresh_flat(fresh: Callable[[], Any], abstract: bool
-                ) -> Callable[[], Flat]:
-  if abstract:
-    return _once(lambda: flat_lib.flatten(jax.eval_shape(fresh)))
-  return _once(lambda: flat_lib.flatten(fresh()))
-
-
-def _run(flat: Flat, hooks: list[tuple[str, api.HookFn]], ctx: api.Context,
-         validate_each: bool) -> Flat:
-  """Runs built hooks in order; reports reach ``ctx.report`` only on success."""
-  current = dict(flat)
-  validated = None  # The last result checked in full.
-  run_report = report_lib.Report()
-  for index, (name, hook_fn) in enumerate(hooks):
-    report = report_lib.Report()
-    hook_ctx = dataclasses.replace(
-        ctx, rng=jax.random.fold_in(ctx.rng, index), report=report)
-    try:
-      result = hook_fn(dict(current), hook_ctx)
-    except Exception as e:  # pylint: disable=broad-except
-      raise api.HookError(name, index, e) from e
-    if not isinstance(result, dict):
-      raise api.HookError(
-          name, index, TypeError(f'returned {type(result).__name__}, not a dict'))
-    if validate_each:
-      what = f'state after hook #{index} {name!r}'
-      if validated is not None and result.keys() == validated.keys():
-        # Leaves a hook kept (the same objects) were checked already.
-        validation.check_structure(
-            {k: v for k, v in result.items() if v is not validated[k]},
-            ctx.expected, what=what, partial=True)
-      else:
-        validation.check_structure(result, ctx.expected, what=what)
-      validated = result
-    run_report.merge(report, hook=name)
-    current = result
-  if not validate_each or not hooks:
-    validation.check_structure(current, ctx.expected,
-                               what='state after the last hook')
-  run_report.finalize(current)
-  ctx.report.merge(run_report)
-  return current
 
 
 def _sharding(leaf: Any) -> jax.sharding.Sharding | None:
@@ -182,67 +65,6 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(*validation.shape_dtype(x),
                                      sharding=_sharding(x)), tree)
-
-
-def _is_abstract(flat: Mapping[str, Any]) -> bool:
-  return any(isinstance(v, jax.ShapeDtypeStruct) for v in flat.values())
-
-
-def _context(expected: Mapping[str, jax.ShapeDtypeStruct], rng: jax.Array,
-             fresh: Callable[[], Any] | None, sources: Sources,
-             abstract: bool, checkpoint: api.DonorReader | None = None
-             ) -> api.Context:
-  extra = {} if fresh is None else {'fresh': _fresh_flat(fresh, abstract)}
-  return api.Context(expected=expected, rng=rng, source=sources.open,
-                     checkpoint=checkpoint, abstract=abstract, **extra)
-
-
-def _finish(ctx: api.Context, sources: Sources) -> report_lib.Report:
-  for reader in sources.readers():
-    ctx.report.add_source(reader.provenance())
-  return ctx.report
-
-
-def run_flat(
-    flat: Mapping[str, Any],
-    entries: Sequence[Entry],
-    *,
-    expected: Mapping[str, jax.ShapeDtypeStruct],
-    rng: jax.Array,
-    fresh: Callable[[], Any] | None = None,
-    sources: Sources | None = None,
-    checkpoint: api.DonorReader | None = None,
-    validate_each: bool = True,
-) -> tuple[Flat, report_lib.Report]:
-  """The pipeline on a flat state: hooks, then the structure check.
-
-  ``apply`` and ``restore`` run through it; use it to test a hook over a
-  flat dict. Leaves are abstract (plan mode) when any is a
-  ``jax.ShapeDtypeStruct``.
-
-  Args:
-    flat: The flat state; it is not modified.
-    entries: Hook entries or built hooks.
-    expected: Key -> shape/dtype the result must have.
-    rng: A PRNG key; each hook gets its own fold.
-    fresh: Returns a fresh target state (a pytree or a flat dict).
-    sources: Where donors are opened, once each.
-    checkpoint: The checkpoint being restored, if any (``ctx.checkpoint``).
-    validate_each: Check the structure after every hook (the input must
-      have it already), not only after the last.
-
-  Returns:
-    ``(new flat state, report)``.
-
-  Raises:
-    HookError, StructureError, ValueError: As for ``apply``.
-  """
-  hooks = build_all(entries)
-  sources = sources or Sources()
-  ctx = _context(expected, rng, fresh, sources, _is_abstract(flat), checkpoint)
-  result = _run(dict(flat), hooks, ctx, validate_each)
-  logging.info('Ran %d hooks: %s.', len(hooks), [name for name, _ in hooks])
-  return result, _finish(ctx, sources)
 
 
 def apply(
@@ -285,7 +107,7 @@ def apply(
     ValueError, UnknownHookError: If an entry cannot be built.
   """
   flat = flat_lib.flatten(state)
-  abstract = dry_run or _is_abstract(flat)
+  abstract = dry_run or is_abstract(flat)
   if abstract:
     flat = flat_lib.flatten(_abstract(state))
   result, report = run_flat(
@@ -372,4 +194,3 @@ def restore(
     report.add_source(reader.provenance())
   logging.info('Restored %s through %d hooks.', reader.path, len(entries))
   return flat_lib.unflatten(result, target), report
-

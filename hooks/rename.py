@@ -42,18 +42,30 @@ def _owner(key: str, params: Mapping[str, str]) -> str | None:
   return None
 
 
+def _variables(flat: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+  """Model variables (every key but opt_state/ and step) -> (collection, path)."""
+  out = {}
+  for key in flat:
+    collection, _, path = key.partition('/')
+    if path and key + '/' != _OPT_STATE and not key.startswith(_OPT_STATE):
+      out[key] = (collection, path)
+  return out
+
+
 @registry.register('rename')
 def rename(
     rules: Sequence[tuple[str, str]],
     allow_unmatched: bool = False,
 ) -> api.HookFn:
-  """Renames param paths in param keys and in their optimizer-slot keys.
+  """Renames variable paths in every collection and in their slot keys.
 
-  A rule ``(regex, replacement)`` matches a param path without ``params/``
-  (``re.fullmatch``; the first matching rule wins) and gives its new path
-  (``re.Match.expand``: ``\\1`` groups). ``params/<p>`` becomes
-  ``params/<new>`` and every ``opt_state/.../<p>`` key (a key ending with the
-  param's path, whatever its shape, so factored slots move too) becomes
+  A rule ``(regex, replacement)`` matches a variable's path inside its
+  collection (``Dense_9/kernel`` of ``params/Dense_9/kernel``;
+  ``re.fullmatch``; the first matching rule wins) and gives its new path
+  (``re.Match.expand``: ``\\1`` groups). ``<collection>/<p>`` becomes
+  ``<collection>/<new>`` in every collection (``params``, ``batch_stats``,
+  ...), and every ``opt_state/.../<p>`` key of a param (a key ending with
+  the param's path, whatever its shape, so factored slots move too) becomes
   ``opt_state/.../<new>``. Other keys stay. Keys keep their order.
 
   Args:
@@ -74,11 +86,12 @@ def rename(
 
   def hook_fn(flat: dict, ctx: api.Context) -> dict:
     params = {k[len(_PARAMS):]: k for k in flat if k.startswith(_PARAMS)}
+    variables = _variables(flat)
     validation.match_keys(
-        [p for p, _ in parsed], list(params), allow_empty=allow_unmatched
-    )
+        [p for p, _ in parsed], sorted({p for _, p in variables.values()}),
+        allow_empty=allow_unmatched)
     new_path = {}
-    for path in params:
+    for _, path in variables.values():
       for regex, replacement in compiled:
         match = regex.fullmatch(path)
         if match:
@@ -88,8 +101,9 @@ def rename(
           break
     moves: dict[str, str] = {}
     for key in flat:
-      if key.startswith(_PARAMS) and key[len(_PARAMS):] in new_path:
-        moves[key] = _PARAMS + new_path[key[len(_PARAMS):]]
+      if key in variables and variables[key][1] in new_path:
+        collection, path = variables[key]
+        moves[key] = f'{collection}/{new_path[path]}'
       elif key.startswith(_OPT_STATE):
         owner = _owner(key, params)
         if owner in new_path:

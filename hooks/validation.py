@@ -9,12 +9,14 @@ looked at.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+
+# Regex matching of keys lives in hooks.keys; re-exported for callers here.
+from hooks.keys import match_keys
 
 __all__ = [
     'StructureError',
@@ -205,80 +207,3 @@ def check_structure(
       mismatched[k] = (_struct(got), _struct(want))
   if missing or unexpected or mismatched:
     raise StructureError(missing, unexpected, mismatched, what=what)
-
-
-def _compile(pattern: str) -> re.Pattern[str]:
-  if not isinstance(pattern, str):
-    raise ValueError(
-        f'Key pattern {pattern!r} must be a string regex, got '
-        f'{type(pattern).__name__}.'
-    )
-  try:
-    return re.compile(pattern)
-  except re.error as e:
-    raise ValueError(
-        f'Key pattern {pattern!r} is not a valid regex ({e}); escape special '
-        "characters, e.g. r'Dense_0/.*'."
-    ) from e
-
-
-def _no_match_message(pattern: str, keys: Sequence[str]) -> str:
-  hint = ''
-  close = [k for k in keys if re.fullmatch('.*/' + pattern, k)]
-  if close:
-    hint = (
-        ' It matches the end of some keys: patterns match the whole key '
-        '(re.fullmatch), so add the leading part or ".*/".'
-    )
-  else:
-    close = _suggest(pattern, keys) or list(keys)
-  return (
-      f'Key pattern {pattern!r} matches none of the {len(keys)} keys.{hint} '
-      f'Close keys: {close[:_MAX_SUGGESTIONS]}.'
-  )
-
-
-def match_keys(
-    patterns: Sequence[str],
-    keys: Iterable[str],
-    *,
-    allow_empty: bool = False,
-) -> dict[str, int]:
-  """Matches keys against regexes, fully and in order; the first match wins.
-
-  Args:
-    patterns: Regexes, matched with ``re.fullmatch``.
-    keys: The keys to match.
-    allow_empty: Whether a pattern may match no key at all.
-
-  Returns:
-    Matched key -> index of the first pattern that matches it, in the order of
-    ``keys``. Keys no pattern matches are left out.
-
-  Raises:
-    ValueError: If a pattern is not a valid regex, or (unless ``allow_empty``)
-      matches no key; the message names the pattern and lists close keys.
-  """
-  if isinstance(patterns, str):
-    raise ValueError(
-        f'patterns must be a list of regexes, got the string {patterns!r}; '
-        f'write [{patterns!r}].'
-    )
-  compiled = [_compile(p) for p in patterns]
-  keys = list(keys)
-  matched: dict[str, int] = {}
-  used = [False] * len(compiled)
-  for key in keys:
-    first = None
-    for i, regex in enumerate(compiled):
-      if regex.fullmatch(key):
-        used[i] = True
-        if first is None:
-          first = i
-    if first is not None:
-      matched[key] = first
-  if not allow_empty:
-    for pattern, was_used in zip(patterns, used):
-      if not was_used:
-        raise ValueError(_no_match_message(pattern, keys))
-  return matched
