@@ -1,12 +1,13 @@
 """Tensor transfers: which part of a source tensor fills which part of a target.
 
 A ``Transfer`` says, per axis, which target indices take which source indices:
-all of an equal-size axis, the overlapping prefix of two sizes, or the rows
-of the same class labels on a class axis. One transfer is computed per param
-and applied to the param and to each of its optimizer slots, so the slots
-always move with their param. Values are computed where the leaf they
-replace lives: on its devices when it is a ``jax.Array`` (``apply_on_device``:
-no device value is copied to the host), else on the host (``apply``).
+all of an equal-size axis, the overlapping prefix of two sizes, or the
+entries of the same labels on a labelled axis (``hooks.pairing``), at any
+position. One transfer is computed per param and applied to the param and to
+each of its optimizer slots, so the slots always move with their param.
+Values are computed where the leaf they replace lives: on its devices when it
+is a ``jax.Array`` (``apply_on_device``: no device value is copied to the
+host), else on the host (``apply``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 
 __all__ = [
     'Transfer',
-    'class_rows',
     'place',
     'on_device',
     'plan',
@@ -128,44 +128,11 @@ class Transfer:
     return jax.device_put(base.at[target_ix].set(moved), sharding)
 
 
-def class_rows(
-    target_classes: Sequence[int],
-    source_classes: Sequence[int],
-    class_map: Mapping[int, int] | None = None,
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """Pairs target rows with the source rows of the same class.
-
-  Args:
-    target_classes: The label of each target row.
-    source_classes: The label of each source row.
-    class_map: Target label -> source label; by default each target label
-      takes the source row of the same label, when there is one. Labels
-      must be in their lists (the caller checks).
-
-  Returns:
-    (target rows, source rows), in target row order.
-  """
-  target_classes = list(target_classes)
-  source_classes = list(source_classes)
-  if class_map is None:
-    pairs = [
-        (i, source_classes.index(c))
-        for i, c in enumerate(target_classes)
-        if c in source_classes
-    ]
-  else:
-    pairs = sorted(
-        (target_classes.index(t), source_classes.index(s))
-        for t, s in class_map.items()
-    )
-  return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-
-
 def plan(
     target_shape: Sequence[int],
     source_shape: Sequence[int],
     *,
-    class_axis: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    labelled: Mapping[int, tuple[Sequence[int], Sequence[int]]] | None = None,
     overlap: bool = False,
 ) -> Transfer | None:
   """Plans the transfer of a source tensor into a target tensor.
@@ -173,24 +140,30 @@ def plan(
   Args:
     target_shape: The target's shape.
     source_shape: The source's shape.
-    class_axis: (target rows, source rows) for the last axis, from
-      ``class_rows``; None: the last axis is like the others.
+    labelled: Axis (negative counts from the end) -> (target indices, source
+      indices) of that axis, e.g. from ``hooks.labels.pairs``; the other
+      axes are matched by size.
     overlap: Whether axes of different sizes transfer their common prefix
       (``[:min(a, b)]``); otherwise they make the shapes mismatch.
 
   Returns:
-    The transfer, or None if the shapes do not fit (ranks differ, or an axis
-    differs and ``overlap`` is false).
+    The transfer, or None if the shapes do not fit (ranks differ, a
+    labelled axis is out of range, or an axis differs and ``overlap`` is
+    false).
   """
   target_shape, source_shape = tuple(target_shape), tuple(source_shape)
-  if len(target_shape) != len(source_shape):
+  rank = len(target_shape)
+  if len(source_shape) != rank:
     return None
-  if class_axis is not None and not target_shape:
-    return None
+  axes = {}
+  for axis, pair in (labelled or {}).items():
+    if not -rank <= axis < rank:
+      return None
+    axes[axis % rank] = (tuple(pair[0]), tuple(pair[1]))
   index: list[AxisIndex] = []
   for axis, (t, s) in enumerate(zip(target_shape, source_shape)):
-    if class_axis is not None and axis == len(target_shape) - 1:
-      index.append((tuple(class_axis[0]), tuple(class_axis[1])))
+    if axis in axes:
+      index.append(axes[axis])
     elif t == s:
       index.append(None)
     elif overlap:

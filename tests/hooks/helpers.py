@@ -57,6 +57,32 @@ def make_state(
   )
 
 
+class StatsState(train_state.TrainState):
+  """A TrainState subclass with another collection, as BatchNorm nets have."""
+
+  batch_stats: Any = None
+
+
+def make_stats_state(
+    tx: optax.GradientTransformation | None = None,
+    seed: int = 0,
+    num_classes: int = 5,
+) -> StatsState:
+  """TinyCNN's state with ``batch_stats`` for Conv_0 and the head Dense_1.
+
+  The head's statistics have one entry per class, so they are relabelled
+  with the head's kernel and bias. Values differ by seed.
+  """
+  base = make_state(tx, seed, num_classes)
+  k0, k1 = jax.random.split(jax.random.key(seed + 2000))
+  stats = {
+      'Conv_0': {'mean': jax.random.normal(k0, (4,)), 'var': jnp.ones((4,))},
+      'Dense_1': {'mean': jax.random.normal(k1, (num_classes,))},
+  }
+  return StatsState.create(apply_fn=base.apply_fn, params=base.params,
+                           tx=base.tx, batch_stats=stats)
+
+
 @functools.lru_cache(maxsize=None)
 def batch(seed: int = 0, n: int = 4, num_classes: int = 5):
   kx, ky = jax.random.split(jax.random.key(seed + 1000))

@@ -1,8 +1,6 @@
-"""Tests for the warm_start hook: copying from a donor checkpoint."""
+"""Tests for the warm_start hook: copy_params (+ slots) (+ step) in one entry."""
 
 from __future__ import annotations
-
-import hashlib
 
 import jax
 import numpy as np
@@ -10,297 +8,194 @@ import optax
 import pytest
 
 import hooks
-from hooks import api
 from hooks import flat as flat_lib
 from hooks import optim
-from hooks import validation
 from tests.hooks import checkpoints
 from tests.hooks import helpers
 
-TEN = tuple(range(10))
+TEN = list(range(10))
+LOW = [0, 1, 2, 3, 4]
 BODY = ('Conv_0/kernel', 'Conv_0/bias', 'Conv_1/kernel', 'Conv_1/bias',
         'Dense_0/kernel', 'Dense_0/bias')
 SLOT = 'opt_state/inner_state/0/{}/{}'
-EMPTY_DIGEST = hashlib.sha256().hexdigest()
+RNG = jax.random.key(0)
 
 
 def _tx():
-  return optax.inject_hyperparams(optim.adam)(learning_rate=optax.constant_schedule(1e-2))
+  return optax.inject_hyperparams(optim.adam)(
+      learning_rate=optax.constant_schedule(1e-2))
 
 
-@pytest.fixture(scope='module')
-def donor_state():
-  """A five-class state after one step: every slot is non-zero."""
-  return helpers.jitted_train_step(helpers.make_state(_tx(), seed=3), *helpers.batch())
-
-
-@pytest.fixture(scope='module')
-def donor_flat(donor_state):
-  return {k: np.asarray(v) for k, v in flat_lib.flatten(donor_state).items()}
-
-
-@pytest.fixture(scope='module')
-def low(tmp_path_factory, donor_state):
-  """A donor on digits 0-4."""
-  return checkpoints.save_orbax(str(tmp_path_factory.mktemp('low')), donor_state)
-
-
-@pytest.fixture(scope='module')
-def high(tmp_path_factory, donor_state):
-  """The same tensors, recorded as digits 5-9."""
-  return checkpoints.save_orbax(
-      str(tmp_path_factory.mktemp('high')), donor_state, classes=(5, 6, 7, 8, 9)
-  )
-
-
-@pytest.fixture(scope='module')
-def target():
-  """A fresh ten-class state, flat."""
-  return flat_lib.flatten(helpers.make_state(_tx(), seed=1, num_classes=10))
-
-
-def _ctx(flat, classes=TEN, abstract=False):
-  return api.Context(
-      validation.expected_structure(flat), jax.random.key(0), lambda: dict(flat),
-      classes=classes, abstract=abstract,
-  )
-
-
-def _run(flat, classes=TEN, **params):
-  ctx = _ctx(flat, classes)
-  out = hooks.run_hooks(flat, [{'name': 'warm_start', **params}], ctx, validate_each=True)
-  return out, ctx.report
-
-
-def _call(flat, classes=TEN, **params):
-  """Calls the hook directly, so errors are the hook's own."""
-  return hooks.build({'name': 'warm_start', **params})(flat, _ctx(flat, classes))
+def _head(donor=LOW, target=TEN):
+  """The label spec the trainer passes: its head and its classes."""
+  return [{'layers': 'Dense_1', 'donor': list(donor), 'target': list(target)}]
 
 
 def _np(x):
   return np.asarray(x)
 
 
-def test_low_donor_fills_rows_0_to_4_and_copies_the_body(target, low, donor_flat):
-  out, report = _run(target, donor=low)
-  for path in BODY:
-    np.testing.assert_array_equal(_np(out['params/' + path]), donor_flat['params/' + path])
-    assert report.actions('params/' + path)[0].describe() == (
-        f'copied from donor key params/{path}')
-  kernel, bias = _np(out['params/Dense_1/kernel']), _np(out['params/Dense_1/bias'])
-  assert kernel.shape == (16, 10)
-  np.testing.assert_array_equal(kernel[:, :5], donor_flat['params/Dense_1/kernel'])
-  np.testing.assert_array_equal(kernel[:, 5:], _np(target['params/Dense_1/kernel'])[:, 5:])
-  np.testing.assert_array_equal(bias[:5], donor_flat['params/Dense_1/bias'])
-  np.testing.assert_array_equal(bias[5:], _np(target['params/Dense_1/bias'])[5:])
-  assert [a.describe() for a in report.actions('params/Dense_1/kernel')] == [
-      'copied from donor key params/Dense_1/kernel', 'resized (16, 5) -> (16, 10)']
-  # opt_state='fresh', step='reset': the optimizer state is the target's own.
-  for key in target:
-    if not key.startswith('params/'):
-      assert out[key] is target[key], key
-  assert report.actions(SLOT.format('mu', 'Dense_1/kernel')) == [api.Action('unchanged')]
+@pytest.fixture(scope='module')
+def donor_state():
+  """A five-class state after one step: every slot is non-zero."""
+  return helpers.jitted_train_step(helpers.make_state(_tx(), seed=3),
+                                   *helpers.batch())
 
 
-def test_high_donor_fills_rows_5_to_9(target, high, donor_flat):
-  out, _ = _run(target, donor=high)
-  kernel = _np(out['params/Dense_1/kernel'])
-  np.testing.assert_array_equal(kernel[:, 5:], donor_flat['params/Dense_1/kernel'])
-  np.testing.assert_array_equal(kernel[:, :5], _np(target['params/Dense_1/kernel'])[:, :5])
+@pytest.fixture(scope='module')
+def donor_flat(donor_state):
+  return {k: _np(v) for k, v in flat_lib.flatten(donor_state).items()}
 
 
-def test_labels_follow_the_target_order(target, high, donor_flat):
-  # Target rows are digits 9..0: digit 9 is row 0 and takes donor row 4.
-  out, _ = _run(target, classes=TEN[::-1], donor=high)
-  kernel = _np(out['params/Dense_1/kernel'])
-  np.testing.assert_array_equal(kernel[:, :5], donor_flat['params/Dense_1/kernel'][:, ::-1])
+@pytest.fixture(scope='module')
+def donor(tmp_path_factory, donor_state):
+  return checkpoints.save_orbax(str(tmp_path_factory.mktemp('donor')),
+                                donor_state)
 
 
-def test_explicit_class_map(target, low, donor_flat):
-  out, _ = _run(target, donor=low, class_map={'7': 2, 0: 4})  # Config keys are strings.
-  kernel, fresh = _np(out['params/Dense_1/kernel']), _np(target['params/Dense_1/kernel'])
-  donor = donor_flat['params/Dense_1/kernel']
-  np.testing.assert_array_equal(kernel[:, 7], donor[:, 2])
-  np.testing.assert_array_equal(kernel[:, 0], donor[:, 4])
-  others = [i for i in range(10) if i not in (0, 7)]
-  np.testing.assert_array_equal(kernel[:, others], fresh[:, others])
+@pytest.fixture(scope='module')
+def target():
+  return helpers.make_state(_tx(), seed=1, num_classes=10)
 
 
-def test_donor_slots_and_step_move_like_the_params(target, low, donor_flat):
-  out, report = _run(target, donor=low, opt_state='donor', step='donor')
-  validation.check_structure(out, validation.expected_structure(target))
-  for name in ('mu', 'nu', 'count'):
-    for path in BODY:
-      key = SLOT.format(name, path)
+def _run(state, **params):
+  out, report = hooks.apply(state, [{'name': 'warm_start', **params}], rng=RNG)
+  return flat_lib.flatten(out), report
+
+
+def test_defaults_copy_every_variable_from_an_identical_model(donor, donor_flat):
+  state = helpers.make_state(_tx(), seed=1)  # Five classes, like the donor.
+  before = flat_lib.flatten(state)
+  out, report = _run(state, donor=donor)
+  for key in before:
+    if key.startswith('params/'):
       np.testing.assert_array_equal(_np(out[key]), donor_flat[key])
-      assert report.actions(key)[0] == api.Action('copied', source=key, hook='warm_start')
-    key = SLOT.format(name, 'Dense_1/kernel')
-    slot = _np(out[key])
-    assert slot.shape == (16, 10)
-    np.testing.assert_array_equal(slot[:, :5], donor_flat[key])
-    np.testing.assert_array_equal(slot[:, 5:], 0)
-  assert (donor_flat[SLOT.format('count', 'Dense_1/kernel')] == 1).all()
+      assert report.actions(key)[0].describe() == (
+          f'copied from donor key {key}')
+    else:  # opt_state='fresh', step='reset'.
+      assert out[key] is before[key], key
+
+
+def test_head_columns_by_label_and_the_body_as_is(target, donor, donor_flat):
+  out, report = _run(target, donor=donor, labels=_head(donor=[5, 6, 7, 8, 9]))
+  before = flat_lib.flatten(target)
+  for path in BODY:
+    np.testing.assert_array_equal(_np(out['params/' + path]),
+                                  donor_flat['params/' + path])
+  for name in ('kernel', 'bias'):
+    key = f'params/Dense_1/{name}'
+    np.testing.assert_array_equal(_np(out[key])[..., 5:], donor_flat[key])
+    np.testing.assert_array_equal(_np(out[key])[..., :5],
+                                  _np(before[key])[..., :5])
+  assert report.actions('params/Dense_1/kernel')[0].detail == (
+      'columns by label: 5..9 <- donor columns 0..4; new: 0..4 (kept)')
+
+
+def test_labels_follow_the_target_order(target, donor, donor_flat):
+  out, _ = _run(target, donor=donor, labels=_head(target=TEN[::-1]))
+  np.testing.assert_array_equal(_np(out['params/Dense_1/kernel'])[:, 5:],
+                                donor_flat['params/Dense_1/kernel'][:, ::-1])
+
+
+def test_donor_slots_and_step_move_like_the_params(target, donor, donor_flat):
+  out, report = _run(target, donor=donor, labels=_head(), opt_state='donor',
+                     step='donor')
+  for kind in ('mu', 'nu', 'count'):
+    for path in BODY:
+      key = SLOT.format(kind, path)
+      np.testing.assert_array_equal(_np(out[key]), donor_flat[key])
+      assert report.actions(key)[0].source == key
+    key = SLOT.format(kind, 'Dense_1/kernel')
+    np.testing.assert_array_equal(_np(out[key])[:, :5], donor_flat[key])
+    np.testing.assert_array_equal(_np(out[key])[:, 5:], 0)  # Fresh slots.
   assert np.abs(donor_flat[SLOT.format('mu', 'Dense_1/kernel')]).sum() > 0
-  for key in ('step', 'opt_state/count', 'opt_state/hyperparams_states/learning_rate/count'):
-    assert int(out[key]) == 1 and report.actions(key)[0].action == 'copied', key
+  for key in ('step', 'opt_state/count',
+              'opt_state/hyperparams_states/learning_rate/count'):
+    assert int(out[key]) == 1, key
   # Not a count: the target's configured learning rate stays.
-  assert out['opt_state/hyperparams/learning_rate'] is target['opt_state/hyperparams/learning_rate']
+  assert out['opt_state/hyperparams/learning_rate'] is flat_lib.flatten(
+      target)['opt_state/hyperparams/learning_rate']
 
 
-def test_reads_only_what_it_copies(target, low):
-  fn = hooks.build({'name': 'warm_start', 'donor': low, 'include': ['Conv_0/.*']})
-  out = fn(target, _ctx(target))
-  only = hooks.open_donor(low)
-  only.read(['params/Conv_0/kernel', 'params/Conv_0/bias'])
-  assert fn.donor.digest() == only.digest()
-  assert out['params/Conv_1/kernel'] is target['params/Conv_1/kernel']
+def test_new_columns_take_a_first_adam_step_no_larger_than_the_rate(
+    target, donor):
+  state, _ = hooks.apply(target, [{'name': 'warm_start', 'donor': donor,
+                                   'labels': _head(), 'opt_state': 'donor'}],
+                         rng=RNG)
+  after = helpers.jitted_train_step(state, *helpers.batch(1, num_classes=10))
+  delta = np.abs(_np(after.params['Dense_1']['kernel'])
+                 - _np(state.params['Dense_1']['kernel']))
+  assert 0 < delta[:, 5:].max() <= 1e-2 * (1 + 1e-5)  # Count 0: no kick.
 
 
-def test_plan_mode_reads_no_arrays(target, low):
-  abstract = helpers.abstract(target)
-  fn = hooks.build({'name': 'warm_start', 'donor': low, 'opt_state': 'donor'})
-  ctx = _ctx(abstract, abstract=True)
-  out = hooks.run_hooks(abstract, [fn], ctx, validate_each=True)
-  assert fn.donor.digest() == EMPTY_DIGEST
-  assert all(isinstance(v, jax.ShapeDtypeStruct) for v in out.values())
-  assert ctx.report.actions(SLOT.format('nu', 'Dense_1/kernel'))[1].describe() == (
+def test_the_same_as_its_pieces_bit_for_bit(target, donor):
+  whole, _ = _run(target, donor=donor, labels=_head(), opt_state='donor',
+                  step='donor')
+  pieces, report = hooks.apply(target, [
+      {'name': 'copy_params', 'donor': donor, 'labels': _head()},
+      {'name': 'copy_slots', 'donor': donor, 'labels': _head()},
+      {'name': 'copy_step', 'donor': donor}], rng=RNG)
+  pieces = flat_lib.flatten(pieces)
+  for key in whole:
+    assert _np(whole[key]).tobytes() == _np(pieces[key]).tobytes(), key
+  assert len(report.sources) == 1  # The donor was opened once.
+
+
+def test_plan_mode_reads_nothing(target, donor):
+  report = hooks.plan(target, [{'name': 'warm_start', 'donor': donor,
+                                'labels': _head(), 'opt_state': 'donor'}],
+                      rng=RNG)
+  assert report.sources[0]['keys_read'] == []
+  assert report.actions(SLOT.format('nu', 'Dense_1/kernel'))[1].describe() == (
       'resized (16, 5) -> (16, 10)')
 
 
-# A msgpack donor of bare-layout params with other sizes: Dense_0 is (40, 12).
-@pytest.fixture(scope='module')
-def odd(tmp_path_factory, donor_flat):
-  params = flat_lib.flatten(helpers.init_params(2))
-  tree = {'params': {}}
-  for path, value in params.items():
-    layer, name = path.split('/')
-    tree['params'].setdefault(layer, {})[name] = np.asarray(value)
-  rng = np.random.default_rng(0)
-  tree['params']['Dense_0'] = {
-      'kernel': rng.normal(size=(40, 12)).astype(np.float32),
-      'bias': rng.normal(size=(12,)).astype(np.float32),
-  }
-  tree['params']['Conv_1']['kernel'] = tree['params']['Conv_1']['kernel'].astype(np.float16)
-  tree['params']['Big'] = tree['params']['Dense_0']
-  path = str(tmp_path_factory.mktemp('odd') / 'params.msgpack')
-  return checkpoints.save_msgpack(path, tree), tree['params']
+def test_donor_slots_into_a_frozen_target(donor, donor_flat):
+  tx = hooks.freeze(_tx(), helpers.init_params(1, 10), ['Conv_.*'])
+  state = helpers.make_state(tx, seed=1, num_classes=10)
+  out, report = _run(state, donor=donor, labels=_head(), opt_state='donor')
+  key = ('opt_state/inner_states/trainable/inner_state/inner_state/0/mu/'
+         'Dense_1/kernel')
+  np.testing.assert_array_equal(_np(out[key])[:, :5],
+                                donor_flat[SLOT.format('mu', 'Dense_1/kernel')])
+  np.testing.assert_array_equal(_np(out['params/Conv_0/kernel']),
+                                donor_flat['params/Conv_0/kernel'])
 
 
-def test_overlap_copies_the_common_slice(target, odd):
-  path, donor = odd
-  out, report = _run(target, donor=path, include=['Dense_0/.*'], on_shape_mismatch='overlap')
-  kernel, fresh = _np(out['params/Dense_0/kernel']), _np(target['params/Dense_0/kernel'])
-  np.testing.assert_array_equal(kernel[:, :12], donor['Dense_0']['kernel'][:32, :12])
-  np.testing.assert_array_equal(kernel[:, 12:], fresh[:, 12:])
-  np.testing.assert_array_equal(_np(out['params/Dense_0/bias'])[:12], donor['Dense_0']['bias'])
-  np.testing.assert_array_equal(_np(out['params/Dense_0/bias'])[12:],
-                                _np(target['params/Dense_0/bias'])[12:])
-  assert [a.describe() for a in report.actions('params/Dense_0/kernel')] == [
-      'copied from donor key params/Dense_0/kernel', 'resized (40, 12) -> (32, 16)']
+def test_a_head_of_other_size_without_labels_is_a_listed_shape_error(
+    target, donor):
+  with pytest.raises(hooks.HookError) as e:
+    _run(target, donor=donor, opt_state='donor', step='donor')
+  message = str(e.value.__cause__)
+  assert message.startswith("warm_start: 2 shape mismatch(es) with donor '")
+  assert ('  params/Dense_1/bias: target (10,), donor params/Dense_1/bias (5,)\n'
+          '  params/Dense_1/kernel: target (16, 10), donor '
+          'params/Dense_1/kernel (16, 5)\n') in message
 
 
-def test_rename_rule_with_its_own_policy_and_skip(target, odd):
-  path, donor = odd
-  out, report = _run(
-      target, donor=path, include=['Conv_0/.*', 'Dense_0/.*'],
-      rename=[('Dense_0/(.*)', r'Big/\1', 'overlap')], on_shape_mismatch='skip')
-  np.testing.assert_array_equal(_np(out['params/Dense_0/bias'])[:12], donor['Big']['bias'])
-  assert report.actions('params/Dense_0/bias')[0].source == 'params/Big/bias'
-  np.testing.assert_array_equal(_np(out['params/Conv_0/kernel']), donor['Conv_0']['kernel'])
-  out, report = _run(target, donor=path, include=['Dense_0/.*'], on_shape_mismatch='skip')
-  assert out['params/Dense_0/kernel'] is target['params/Dense_0/kernel']
-  assert report.actions('params/Dense_0/kernel') == [api.Action('unchanged')]
+def test_errors_of_every_piece_at_once(target, donor):
+  with pytest.raises(hooks.HookError) as e:
+    _run(target, donor=donor, include=['Conv_.*', 'Dense_1/.*'],
+         labels=[{'layers': 'Dense_1', 'map': {11: 0, 3: 8}}],
+         opt_state='donor', step='donor',
+         rename=[('Conv_1/(.*)', r'Conv_9/\1')])
+  message = str(e.value.__cause__)
+  assert ('map {11: 0, 3: 8} for params/Dense_1/bias: target label(s) [11] '
+          'not in the labels [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]; donor label(s) '
+          '[8] not in the labels [0, 1, 2, 3, 4].') in message
+  assert 'the donor lacks 2 key(s) for selected variables:\n' in message
+  assert '  params/Conv_1/bias <- params/Conv_9/bias  (did you mean' in message
 
 
-def test_dtype_cast(target, odd):
-  path, donor = odd
-  out, _ = _run(target, donor=path, include=['Conv_1/kernel'], on_dtype_mismatch='cast')
-  assert out['params/Conv_1/kernel'].dtype == np.float32
-  np.testing.assert_array_equal(_np(out['params/Conv_1/kernel']),
-                                donor['Conv_1']['kernel'].astype(np.float32))
-
-
-def test_donor_without_classes_takes_class_map_as_rows(target, odd):
-  path, donor = odd
-  out, _ = _run(target, donor=path, include=['Dense_1/.*'], class_map={9: 0})
-  np.testing.assert_array_equal(_np(out['params/Dense_1/kernel'])[:, 9],
-                                donor['Dense_1']['kernel'][:, 0])
-
-
-@pytest.mark.parametrize('params, message', [
-    ({'include': ['Conv_0/.*', 'Conv_9/.*']}, r"'Conv_9/\.\*' matches none of the 8 keys"),
-    ({'exclude': ['Dense_7/.*']}, r"'Dense_7/\.\*' matches none of the 8 keys"),
-    ({'rename': [('Dense_5/(.*)', r'Dense_1/\1')]},
-     r"rename rule \('Dense_5/\(\.\*\)', 'Dense_1/\\\\1'\) matches none of the 8 selected"),
-    ({'rename': [('Dense_0/(.*)', r'Dense_9/\1')]},
-     r"lacks 2 key\(s\) for selected params:\n  Dense_0/bias <- params/Dense_9/bias  \(did you mean "),
-    ({'class_map': {11: 0, 3: 8}},
-     r"class_map \{11: 0, 3: 8\}: target digit\(s\) \[11\] not in the target classes "
-     r"\[0, 1, .*, 9\]; donor digit\(s\) \[8\] not in the donor classes \[0, 1, 2, 3, 4\]"),
-])
-def test_errors_against_the_low_donor(target, low, params, message):
-  fn = hooks.build({'name': 'warm_start', 'donor': low, **params})
-  with pytest.raises(ValueError, match=message):
-    fn(target, _ctx(target))
-  assert fn.donor.digest() == EMPTY_DIGEST  # Nothing was read.
-
-
-def test_shape_error_lists_every_mismatch(target, odd):
-  path, _ = odd
-  fn = hooks.build({'name': 'warm_start', 'donor': path, 'exclude': ['Dense_1/.*'],
-                    'on_dtype_mismatch': 'cast'})
-  with pytest.raises(ValueError) as e:
-    fn(target, _ctx(target))
-  assert (
-      "2 shape mismatch(es) with donor '" + path + "' (on_shape_mismatch='error'):\n"
-      '  params/Dense_0/bias: target (16,), donor params/Dense_0/bias (12,)\n'
-      '  params/Dense_0/kernel: target (32, 16), donor params/Dense_0/kernel (40, 12)\n'
-  ) in str(e.value)
-  assert fn.donor.digest() == EMPTY_DIGEST
-
-
-def test_dtype_error(target, odd):
-  path, _ = odd
-  with pytest.raises(ValueError, match=(
-      r"1 dtype mismatch\(es\) .*\n  params/Conv_1/kernel: target float32, donor "
-      r"params/Conv_1/kernel float16\n  Fix: set on_dtype_mismatch='cast'")):
-    _call(target, donor=path, include=['Conv_1/.*'])
-
-
-def test_head_by_label_needs_donor_and_target_classes(target, odd, low):
-  path, _ = odd
-  with pytest.raises(ValueError, match=(
-      r"records no classes, so head params/Dense_1/\w+ cannot be copied by digit "
-      r"label. Pass class_map=\{target digit: donor digit\}")):
-    _call(target, donor=path, include=['Dense_1/.*'])
-  with pytest.raises(ValueError, match=r"The target has no class labels \(ctx.classes is empty\)"):
-    _call(target, classes=(), donor=low)
-
-
-def test_opt_state_donor_needs_the_donor_slots(target, odd):
-  path, _ = odd
-  with pytest.raises(ValueError, match=(
-      r"opt_state='donor': donor '.*' lacks the slots of 6 target slot\(s\):\n"
-      r"  opt_state/inner_state/0/count/Conv_0/bias \(donor has no slots for "
-      r"params/Conv_0/bias\)\n(.*\n){5}  Fix: use opt_state='fresh'")):
-    _call(target, donor=path, include=['Conv_0/.*'], opt_state='donor')
-
-
-def test_bad_parameters_fail_when_built(low, tmp_path):
-  with pytest.raises(ValueError, match=r"on_shape_mismatch='pad' is not one of \['error', 'skip', 'overlap'\]"):
-    hooks.build({'name': 'warm_start', 'donor': low, 'on_shape_mismatch': 'pad'})
-  with pytest.raises(ValueError, match=r"rename rule \('a',\) must be \(pattern, donor_key\)"):
-    hooks.build({'name': 'warm_start', 'donor': low, 'rename': [('a',)]})
-  with pytest.raises(hooks.DonorError, match='does not exist'):
-    hooks.build({'name': 'warm_start', 'donor': str(tmp_path / 'missing')})
-
-
-def test_donor_slots_into_a_frozen_target(low, donor_flat):
-  params = helpers.init_params(1, 10)
-  tx = hooks.freeze(_tx(), params, ['Conv_.*'])
-  target = flat_lib.flatten(helpers.make_state(tx, seed=1, num_classes=10))
-  out, report = _run(target, donor=low, opt_state='donor')
-  key = 'opt_state/inner_states/trainable/inner_state/inner_state/0/mu/Dense_1/kernel'
-  np.testing.assert_array_equal(_np(out[key])[:, :5], donor_flat[SLOT.format('mu', 'Dense_1/kernel')])
-  assert report.actions(key)[0].source == SLOT.format('mu', 'Dense_1/kernel')
-  np.testing.assert_array_equal(_np(out['params/Conv_0/kernel']), donor_flat['params/Conv_0/kernel'])
+def test_bad_parameters_fail_when_built():
+  cases = [
+      ({'opt_state': 'keep'},
+       r"warm_start: opt_state='keep' is not one of \['fresh', 'donor'\]"),
+      ({'step': 'zero'}, r"step='zero' is not one of \['reset', 'donor'\]"),
+      ({'labels': [{'donor': LOW, 'target': TEN}]},
+       r'class_map/map without a named layer'),
+      ({'head': 'Dense_1'}, r"unknown parameter\(s\) \['head'\]"),
+  ]
+  for params, message in cases:
+    with pytest.raises(ValueError, match=message):
+      hooks.build({'name': 'warm_start', 'donor': '/nowhere', **params})

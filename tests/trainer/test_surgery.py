@@ -52,13 +52,18 @@ def test_resume_runs_no_hook_and_refuses_other_hooks(tiny_config, tmp_path):
   tiny_config.num_train_steps = 4
   calls = []
   tiny_config.hooks.post_init[0].factor = 0.5
-  original = hooks.run_hooks
+  originals = hooks.apply, hooks.restore
   try:
-    hooks.run_hooks = lambda *a, **k: calls.append(1) or original(*a, **k)
+    # The trainer's only ways into surgery (trainer/surgery.py).
+    hooks.apply = lambda *a, **k: calls.append(1) or originals[0](*a, **k)
+    hooks.restore = lambda *a, **k: calls.append(1) or originals[1](*a, **k)
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'fresh'))
+    assert calls  # The spies see a fresh start...
+    calls.clear()
     train.train_and_evaluate(tiny_config, str(tmp_path))
   finally:
-    hooks.run_hooks = original
-  assert not calls
+    hooks.apply, hooks.restore = originals
+  assert not calls  # ...and no resume.
   tiny_config.hooks.post_init[0].factor = 2.0
   with pytest.raises(Exception, match=r'hooks.post_init: checkpoint has '):
     train.train_and_evaluate(tiny_config, str(tmp_path))
