@@ -11,6 +11,7 @@ restores only the leaves asked for.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -56,6 +57,19 @@ def _cause(e: Exception) -> str:
   return f'{type(e).__name__}: {line}'
 
 
+class _QuietProbe(logging.Filter):
+  """Drops orbax's warnings about a directory holding no checkpoint.
+
+  Detection asks orbax for the metadata of directories that may not be
+  checkpoints (a workdir, a root); that is an answer, not a problem.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ('Failed to get item metadata' in message
+                or 'Metadata file does not exist' in message)
+
+
 def metadata(path: str, directory: str) -> Any:
   """``StepMetadata`` of ``directory``: ``item_handlers``, ``item_metadata``.
 
@@ -69,11 +83,16 @@ def metadata(path: str, directory: str) -> Any:
   Raises:
     DonorError: If orbax's metadata files there cannot be read.
   """
+  quiet = _QuietProbe()
+  logger = logging.getLogger('absl')
+  logger.addFilter(quiet)
   try:
     return ocp.PyTreeCheckpointer().metadata(directory)
   except Exception as e:  # pylint: disable=broad-except
     raise damaged(path, directory,
                   f'its orbax metadata cannot be read ({_cause(e)})') from None
+  finally:
+    logger.removeFilter(quiet)
 
 
 def steps(path: str, directory: str, files: bool) -> dict[int, str]:

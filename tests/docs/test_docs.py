@@ -17,7 +17,8 @@ LEGACY = os.path.join(os.path.dirname(REPO), 'shared', 'fixtures',
                       'legacy_flax_optim', 'adam', 'checkpoint_20')
 
 
-@pytest.mark.parametrize('doc', ['docs/surgery.md', 'docs/hooks.md'])
+@pytest.mark.parametrize('doc', ['docs/surgery.md', 'docs/hooks.md',
+                                 'docs/plugin.md'])
 def test_code_blocks_run_and_print_what_the_doc_says(doc, monkeypatch):
   # A doc may register its example hook; keep it out of other tests' registry.
   monkeypatch.setattr(registry, '_REGISTRY', dict(registry._REGISTRY))  # pylint: disable=protected-access
