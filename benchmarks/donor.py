@@ -2,10 +2,12 @@
 
 The donor is an orbax checkpoint written by `trainer.checkpoint.save`: 160
 float32 kernels of 6.6 MB (1.05 GB, the size and tensor count of a 260M
-parameter model). The target state holds 16 of them (10% of the bytes). Two ways, each in its own fresh process, alternated:
+parameter model). The target state holds 16 of them (10% of the bytes).
+Two ways, each in its own fresh process, alternated:
 
-- `partial`: the `warm_start` hook, which reads only the leaves it copies;
-- `whole`: restore the whole donor, then select the 4 leaves and place them.
+- `partial`: the `warm_start` hook (`hooks.run_flat`), which reads only the
+  leaves it copies;
+- `whole`: restore the whole donor, then select the 16 leaves and place them.
 
 Each child first builds its target state (fresh zeros on the device), then
 resets the kernel's peak-RSS mark (/proc/self/clear_refs) and measures the
@@ -61,14 +63,14 @@ def _child(mode: str, donor: str, shape: tuple[int, int]) -> dict[str, Any]:
   flat['step'] = jnp.zeros((), jnp.int32)
   jax.block_until_ready(flat)
   needed = sum(flat[k].nbytes for k in keys)
-  ctx = hooks.Context(expected=hooks.expected_structure(flat),
-                      rng=jax.random.key(0), fresh=lambda: dict(flat))
+  expected = hooks.expected_structure(flat)
   memory.reset_peak()
   rss0 = memory.rss()
   t = common.now()
   if mode == 'partial':
-    out = hooks.run_hooks(flat, [{'name': 'warm_start', 'donor': donor,
-                                  'include': [INCLUDE], 'head': None}], ctx)
+    out, _ = hooks.run_flat(
+        flat, [{'name': 'warm_start', 'donor': donor, 'include': [INCLUDE]}],
+        expected=expected, rng=jax.random.key(0), fresh=lambda: dict(flat))
   else:
     reader = hooks.open_donor(donor)
     whole = reader.read(sorted(reader.structure()))

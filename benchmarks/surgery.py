@@ -2,16 +2,19 @@
 
 Synthetic TrainStates of 10^2, 10^3 and 10^4 param leaves (small kernels and
 biases, plus a 10-class head `Dense_1`) with `hooks.optim.adam` slots (mu,
-nu and a per-element count: four flat leaves per param). One surgery:
+nu and a per-element count: four flat leaves per param). One surgery, as the
+trainer's post_init phase runs it (`hooks.apply`):
 
-1. `hooks.flatten` the state; its `expected_structure` is the target;
-2. `hooks.run_hooks` (validated after every hook, as the trainer's post_init
-   phase) with `warm_start` from a flax msgpack donor: rename rules map a
-   tenth of the layers to the donor's own names, and the donor's 5-class
-   head fills rows 0-4 of the 10-class head (a resize by class rows);
-3. freeze a tenth of the layers: `hooks.freeze` and `hooks.carry_opt_state`
-   (slots of frozen params go, the others are carried);
-4. `hooks.check_structure` of the new state; `hooks.unflatten` into it.
+1. `hooks.apply` flattens the state (its `expected_structure` is the
+   target), runs the hooks, validating the structure after every hook, places
+   new leaves like the leaves they replace and unflattens into the state.
+   The hooks: `warm_start` from a flax msgpack donor, whose rename rules map
+   a tenth of the layers to the donor's own names, and whose label spec puts
+   the donor's 5-class head into columns 0-4 of the 10-class head (a resize
+   by class label); then a hook that reports the frozen params;
+2. `hooks.freeze` builds the optimizer of the frozen phase over the params
+   (a tenth of the layers frozen). Unfreezing (`hooks.carry_opt_state` into a
+   fresh Adam state) is timed apart.
 
 Untouched leaves must come out as the very same objects; the whole surgery
 runs under `jax.transfer_guard_device_to_host('disallow')`, and the host
@@ -77,7 +80,8 @@ def write_donor(num_leaves: int, path: str) -> None:
     f.write(flax.serialization.msgpack_serialize({'params': params}))
 
 
-def _record_frozen(flat: dict[str, Any], ctx: Any) -> dict[str, Any]:
+def _record_frozen(flat: dict[str, Any],
+                   ctx: hooks.Context) -> dict[str, Any]:
   for key in hooks.param_keys(flat, [FROZEN]):
     ctx.report.record(key, 'frozen')
   return flat
@@ -86,25 +90,21 @@ def _record_frozen(flat: dict[str, Any], ctx: Any) -> dict[str, Any]:
 def surgery(state: train_state.TrainState, donor: str) -> tuple[Any, Any]:
   """The surgery the benchmark times; returns the new state and the report.
 
-  As the trainer's post_init phase: hooks over the flat fresh state, each
-  result validated against the fresh state's structure, the optimizer of the
-  frozen phase built over the params (`hooks.freeze`), then unflattened.
+  As the trainer's post_init phase: `hooks.apply` over the fresh state (each
+  hook's result validated against its structure), then the optimizer of the
+  frozen phase built over the params (`hooks.freeze`).
   """
-  flat = hooks.flatten(state)
-  expected = hooks.expected_structure(flat)
-  ctx = hooks.Context(expected=expected, rng=jax.random.key(0),
-                      fresh=lambda: dict(flat),
-                      classes=tuple(range(CLASSES)))
   warm_start = {
       'name': 'warm_start', 'donor': donor,
       'include': [COPIED, 'Dense_1/.*'],
       'rename': [(r'layer_(\d+)/(.*)', r'old_\1/\2')],
-      'head': 'Dense_1',
-      'class_map': {c: c for c in range(DONOR_CLASSES)}}
-  flat = hooks.run_hooks(flat, [warm_start, _record_frozen], ctx,
-                         validate_each=True)
+      'labels': [{'layers': 'Dense_1', 'axis': -1,
+                  'donor': list(range(DONOR_CLASSES)),
+                  'target': list(range(CLASSES))}]}
+  new_state, report = hooks.apply(state, [warm_start, _record_frozen],
+                                  rng=jax.random.key(0), fresh=lambda: state)
   hooks.freeze(hooks.optim.adam(1e-3), state.params, [FROZEN])
-  return hooks.unflatten(flat, state), ctx.report
+  return new_state, report
 
 
 def phase_change(state: train_state.TrainState) -> Any:

@@ -2,10 +2,10 @@
 
 The donor of experiment 1 (digits 0-4) is continued in a new workdir through
 `config.init_from` and the pre_restore hook `resize_head`: its step and
-optimizer state (SGD momentum) are carried, the head rows of digits 5-9 are
-new (the layer's own init), with fresh momentum. Against experiment 1's warm
-start (head resized by class map, fresh momentum), once with the donor's step
-(so that both arms see the same batches) and once from step 0 as in
+optimizer state (SGD momentum) are carried, the head columns of digits 5-9
+are new (the layer's own init), with fresh momentum. Against experiment 1's
+warm start (head resized by class map, fresh momentum), once with the donor's
+step (so that both arms see the same batches) and once from step 0 as in
 experiment 1.
 """
 

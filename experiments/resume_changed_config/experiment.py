@@ -115,7 +115,8 @@ def render(summary: dict[str, Any]) -> str:
       '',
       f'A run on digits {common.digits(old)} is continued under a ten-digit '
       'config in a new workdir: `config.init_from` names its workdir and the '
-      'pre_restore hook `resize_head` gives the head rows for the new digits; '
+      'pre_restore hook `resize_head` gives the head columns for the new '
+      'digits; '
       'the step and the optimizer state (SGD momentum) are carried. Does that '
       'beat experiment 1\'s warm start, which keeps the donor\'s params but '
       'starts the momentum from zero?',
@@ -129,7 +130,8 @@ def render(summary: dict[str, Any]) -> str:
       f'- (a) `init_from` the donor, pre_restore '
       f'`{resume["config"]["pre_restore"]}`: steps {resume["start_step"]} to '
       f'{resume["config"]["steps"]}.',
-      f'- (b) `warm_start` with `head=Dense_1` and `step=donor`: steps '
+      f'- (b) `warm_start` (head `Dense_1` by class label) with '
+      f'`step=donor`: steps '
       f'{arms["warm_donor_step"]["start_step"]} to '
       f'{arms["warm_donor_step"]["config"]["steps"]}, the same batches as (a).',
       f'- (c) experiment 1\'s arm (a): the same hook with `step=reset`, steps '
@@ -137,7 +139,7 @@ def render(summary: dict[str, Any]) -> str:
       f'{arms["warm_step_0"]["config"]["steps"]} (other batches).',
       f'- All: digits {common.digits(resume["config"]["classes"])}, '
       f'{resume["config"]["optimizer"]}, batch '
-      f'{resume["config"]["batch_size"]}; the new head rows of (a), (b) and '
+      f'{resume["config"]["batch_size"]}; the new head columns of (a), (b) and '
       '(c) are the same fresh init.',
       f'- At the start (a) and (b) hold bit-identical params: '
       f'{common.fmt(start["params_identical"])}; the momentum differs: L2 norm '

@@ -1,7 +1,8 @@
 """Warm start a ten-digit model from a donor on digits 0-4.
 
-Arms: (a) warm start with the head resized by class map (donor rows 0-4
-kept, rows 5-9 from the fresh init), (b) warm start with the head
+Arms: (a) warm start with the head resized by class map (the donor's
+columns of digits 0-4 kept, columns 5-9 from the fresh init; the trainer adds
+the labels), (b) warm start with the head
 re-initialized, (c) from scratch. Accuracy at fixed step budgets, overall and
 on the old (0-4) and new (5-9) digits.
 """

@@ -162,9 +162,10 @@ def render(summary: dict[str, Any]) -> str:
   lines = [
       '# Warm start with a resized head',
       '',
-      f'A donor trained on digits {common.digits(old)} (its head has a row '
-      'for each) starts a ten-digit run. Does keeping its head rows (resized by class '
-      'map) beat re-initializing the head, and both beat training from '
+      f'A donor trained on digits {common.digits(old)} (its head has a '
+      'column for each) starts a ten-digit run. Does keeping its head columns '
+      '(placed by class label) beat re-initializing the head, and both beat '
+      'training from '
       'scratch, at small step budgets?',
       '',
       '## Setup',
@@ -176,8 +177,9 @@ def render(summary: dict[str, Any]) -> str:
       f'- Target: digits {common.digits(target["classes"])}, {target["steps"]} '
       f'steps, {target["optimizer"]}, batch {target["batch_size"]}; the same '
       'steps, batches and seeds in every arm.',
-      '- (a) `warm_start` with `head=Dense_1`: every layer from the donor, '
-      f'head rows of digits {common.digits(old)} from the donor, rows of '
+      '- (a) `warm_start` (the trainer adds the labels of its head '
+      '`Dense_1`): every layer from the donor, head columns of digits '
+      f'{common.digits(old)} from the donor, columns of '
       f'{common.digits(new)} from the fresh init; fresh optimizer slots, step 0.',
       '- (b) `warm_start` with `exclude=Dense_1/.*`: the head keeps its fresh '
       'init (the same values as in (c)).',
