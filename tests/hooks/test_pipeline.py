@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import hooks
-from hooks import api
 from hooks import flat as flat_lib
 from hooks import registry
 from tests.hooks import helpers
+from tests.hooks.test_api import failing
+from tests.hooks.test_api import scale
 
 
 @pytest.fixture(autouse=True)
@@ -22,27 +23,6 @@ def _restore_registry(monkeypatch):
 def _state():
   return {'params': {'w': jnp.ones((2, 3)), 'b': jnp.zeros((3,))},
           'step': jnp.array(0)}
-
-
-def scale(patterns, factor=2.0):
-  """A test hook: multiplies params by factor."""
-
-  def hook_fn(flat, ctx):
-    out = dict(flat)
-    for key in flat_lib.param_keys(flat, patterns):
-      out[key] = api.apply_leaf(lambda x: x * factor, flat[key])
-      ctx.report.record(key, 'modified')
-    return out
-
-  return hook_fn
-
-
-def failing(message='boom'):
-  def hook_fn(flat, ctx):
-    del flat, ctx
-    raise RuntimeError(message)
-
-  return hook_fn
 
 
 class MemoryReader:
