@@ -14,7 +14,7 @@ from typing import Any
 
 from benchmarks import common
 
-ALL = ('step', 'loop', 'freeze', 'surgery', 'donor', 'cold_start')
+ALL = ('step', 'loop', 'freeze', 'surgery', 'donor', 'cold_start', 'guard')
 BEFORE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'before.json')
 

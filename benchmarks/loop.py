@@ -1,8 +1,9 @@
 """`loop`: a whole epoch through the trainer's loop against its pure steps.
 
 A side: `trainer.train._train_loop` (data order and batching, placement on
-the mesh, steps, metrics merged on device and written once an epoch, clu
-progress report, the tqdm bar; periodic eval and checkpoints off) runs two
+the mesh, steps, metrics merged on device and written once an epoch, the
+non-finite guard, clu progress report, the tqdm bar; periodic eval and
+checkpoints off) runs two
 epochs; the second is timed, from the train-metrics write that ends the
 first epoch to the one that ends the second (each write syncs on that
 epoch's last step). B side: the same number of the same jitted step on
@@ -114,8 +115,10 @@ def run(size: common.Size) -> dict[str, Any]:
     with open(os.devnull, 'w') as devnull:
       stderr, sys.stderr = sys.stderr, devnull  # The tqdm bar.
       try:
+        guard = train._Guard(  # pylint: disable=protected-access
+            run_setup.config, last_saved=None)
         loop_state, _ = train._train_loop(  # pylint: disable=protected-access
-            run_setup, loop_state, first, clock, save)
+            run_setup, loop_state, first, clock, save, guard)
       finally:
         sys.stderr = stderr
     start['step'] = first + 2 * per_epoch

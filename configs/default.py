@@ -15,8 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Seeds the parameter init and the order of the batches.
 
   # Data.
-  config.data_source = 'auto'  # 'auto' | 'embedded' | 'tfds'.
-  config.data_dir = '~/tensorflow_datasets'  # Where TFDS keeps prepared MNIST.
+  config.data_source = 'auto'  # 'auto' | 'embedded' | 'tfds' | 'idx'.
+  # tfds: where TFDS keeps prepared MNIST; idx: the folder of the 4 idx files.
+  config.data_dir = '~/tensorflow_datasets'
   config.classes = tuple(range(10))  # Digit labels, remapped to 0..k-1.
 
   # Model.
@@ -52,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3  # The latest K are kept, plus the best one.
   config.progress_bar = 'auto'  # 'auto' (when stdout is a terminal) | 'on' | 'off'.
   config.compilation_cache_dir = ''  # JAX persistent compilation cache ('' = off).
+  # Exit 1 at the next log/eval/checkpoint after a NaN/inf loss or grad norm.
+  config.stop_on_nonfinite = True
+  # Resume from this checkpoint step, not the latest (past a damaged one).
+  config.resume_step = config_dict.placeholder(int)
 
   # Surgery: hooks edit a flat '/'-keyed view of params and optimizer state.
   # A checkpoint to start from when the workdir has none of its own: another

@@ -21,5 +21,9 @@ class CheckpointError(TrainerError):
   """A checkpoint cannot be restored into the current run."""
 
 
+class NonFiniteError(TrainerError):
+  """Training produced a NaN or infinite loss, gradient norm or state."""
+
+
 class SurgeryError(TrainerError):
   """A hook failed or left a state that does not fit the run."""

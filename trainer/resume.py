@@ -15,7 +15,8 @@ from trainer.errors import CheckpointError
 MUTABLE_FIELDS = frozenset({
     'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
     'eval_batch_size', 'checkpoint_every_steps', 'keep_checkpoints',
-    'progress_bar', 'compilation_cache_dir', 'data_dir',
+    'progress_bar', 'compilation_cache_dir', 'data_dir', 'stop_on_nonfinite',
+    'resume_step',
     'optimizer.learning_rate', 'optimizer.schedule', 'optimizer.warmup_steps',
 })
 

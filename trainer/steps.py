@@ -7,6 +7,7 @@ from clu import metrics
 import flax
 from flax.training import train_state
 import jax
+import jax.numpy as jnp
 import optax
 
 import hooks
@@ -14,10 +15,40 @@ import hooks
 Batch = dict[str, jax.Array]
 
 
+# FirstNonFinite's value while every step was finite.
+ALL_FINITE = int(jnp.iinfo(jnp.int32).max)
+
+
+@flax.struct.dataclass
+class FirstNonFinite(metrics.Metric):
+  """The first step whose loss or gradient norm was NaN or infinite.
+
+  Merged by minimum, so the running totals hold the earliest such step (or
+  ALL_FINITE) without a host sync; the loop reads it when it reads metrics.
+  """
+  step: jax.Array
+
+  @classmethod
+  def from_model_output(cls, *, finite: jax.Array, step: jax.Array,
+                        **_: Any) -> 'FirstNonFinite':
+    return cls(step=jnp.where(finite, ALL_FINITE, step).astype(jnp.int32))
+
+  @classmethod
+  def empty(cls) -> 'FirstNonFinite':
+    return cls(step=jnp.array(ALL_FINITE, jnp.int32))
+
+  def merge(self, other: 'FirstNonFinite') -> 'FirstNonFinite':
+    return type(self)(step=jnp.minimum(self.step, other.step))
+
+  def compute(self) -> jax.Array:
+    return self.step
+
+
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Accuracy
+  first_nonfinite_step: FirstNonFinite
 
 
 @flax.struct.dataclass
@@ -30,8 +61,9 @@ def _per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: train_state.TrainState,
-               batch: Batch) -> tuple[train_state.TrainState, TrainMetrics]:
+def train_step(state: train_state.TrainState, batch: Batch,
+               check_finite: bool = True
+               ) -> tuple[train_state.TrainState, TrainMetrics]:
   """One optimizer step on `batch`.
 
   Frozen params (an optimizer from `hooks.freeze`) are not differentiated:
@@ -40,6 +72,9 @@ def train_step(state: train_state.TrainState,
   Args:
     state: the train state (donated by the caller's jit).
     batch: {'image': [B, 28, 28, 1], 'label': [B]}.
+    check_finite: record this step in `first_nonfinite_step` when its loss
+      or global gradient norm is NaN or infinite (False: the norm is not
+      computed and the metric stays ALL_FINITE).
 
   Returns:
     The new state and this step's metrics, on device.
@@ -51,10 +86,19 @@ def train_step(state: train_state.TrainState,
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  state = state.apply_gradients(grads=grads)
+  finite = (jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+            if check_finite else jnp.bool_(True))
+  # `step`: the step this update completes, as the loop counts steps.
   step_metrics = TrainMetrics.single_from_model_output(
-      loss=loss, logits=logits, labels=batch['label'])
+      loss=loss, logits=logits, labels=batch['label'], finite=finite,
+      step=state.step + 1)
+  state = state.apply_gradients(grads=grads)
   return state, step_metrics
+
+
+def finite_leaves(tree: Any) -> Any:
+  """Whether each leaf of `tree` holds only finite values (a bool per leaf)."""
+  return jax.tree.map(lambda leaf: jnp.isfinite(leaf).all(), tree)
 
 
 def eval_step(state: train_state.TrainState, batch: Batch) -> EvalMetrics:

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
+import hooks
 from trainer import checkpoint
 from trainer import data as data_lib
 from trainer import distributed
@@ -28,6 +29,7 @@ from trainer import setup as setup_lib
 from trainer import steps
 from trainer import surgery
 from trainer import workdir as workdir_lib
+from trainer.errors import NonFiniteError
 
 TrainState = train_state.TrainState
 
@@ -143,13 +145,14 @@ class _MetricWriter:
 
 
 def _train_and_merge(state: TrainState, totals: steps.TrainMetrics,
-                     batch: steps.Batch
+                     batch: steps.Batch, check_finite: bool = True
                      ) -> tuple[TrainState, steps.TrainMetrics]:
-  state, metrics = steps.train_step(state, batch)
+  state, metrics = steps.train_step(state, batch, check_finite)
   return state, totals.merge(metrics)
 
 
-def train_functions(topology: distributed.Topology) -> tuple[Any, Any]:
+def train_functions(topology: distributed.Topology,
+                    check_finite: bool = True) -> tuple[Any, Any]:
   """The loop's train step and the empty metric totals it starts from.
 
   The step is `steps.train_step` with its metrics added to running totals in
@@ -159,16 +162,75 @@ def train_functions(topology: distributed.Topology) -> tuple[Any, Any]:
 
   Args:
     topology: the run's devices.
+    check_finite: record the first step with a non-finite loss or gradient
+      norm in the totals (config.stop_on_nonfinite).
 
   Returns:
     (train_fn, empty_metrics): `train_fn(state, totals, batch) -> (state,
     totals)` and `empty_metrics() -> totals`, both jitted.
   """
-  train_fn = jax.jit(_train_and_merge, donate_argnums=(0, 1),
-                     out_shardings=topology.replicated)
+  train_fn = jax.jit(functools.partial(_train_and_merge,
+                                       check_finite=check_finite),
+                     donate_argnums=(0, 1), out_shardings=topology.replicated)
   empty_metrics = jax.jit(steps.TrainMetrics.empty,
                           out_shardings=topology.replicated)
   return train_fn, empty_metrics
+
+
+class _Guard:
+  """Stops the run at a non-finite loss, gradient norm or state.
+
+  The train step records the first step with a NaN or infinite loss or
+  gradient norm in the metric totals (`steps.FirstNonFinite`, on device);
+  `check_totals` reads it only where the loop reads metrics anyway (log,
+  eval and checkpoint steps). `check_state` looks at every leaf of the state
+  before a checkpoint is written (an update can overflow from finite
+  gradients), so no checkpoint ever holds a non-finite value.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               last_saved: int | None):
+    self.enabled = config.stop_on_nonfinite
+    self.last_saved = last_saved
+    self._learning_rate = config.optimizer.learning_rate
+    self._finite_leaves = jax.jit(steps.finite_leaves)
+
+  def _stop(self, step: int, what: str) -> NonFiniteError:
+    return NonFiniteError(
+        f'training stopped at step {step}: {what}. Usual causes: a learning '
+        'rate too high (config.optimizer.learning_rate='
+        f'{self._learning_rate}), bad input data (NaN or inf in a batch), '
+        'overflow in low precision (float16/bfloat16), or a checkpoint '
+        f'(init_from) that holds such values. {self._kept()} '
+        '--config.stop_on_nonfinite=False trains on regardless.')
+
+  def _kept(self) -> str:
+    if self.last_saved is None:
+      return 'No checkpoint was written.'
+    return (f'No checkpoint after step {self.last_saved} was written; it '
+            'stays the latest, which the same command resumes from (the '
+            'learning rate may change on resume). If the loss was already '
+            'diverging by then, start afresh: another --workdir with a lower '
+            '--config.optimizer.learning_rate.')
+
+  def check_totals(self, first_nonfinite: Any, step: int) -> None:
+    """Raises NonFiniteError if any step so far was not finite."""
+    first = int(jax.device_get(first_nonfinite))
+    if self.enabled and first != steps.ALL_FINITE:
+      raise self._stop(step, f'the loss or the gradient norm of step {first} '
+                       'is NaN or infinite')
+
+  def check_state(self, state: TrainState, step: int) -> None:
+    """Raises NonFiniteError if the state holds a NaN or an infinity."""
+    if not self.enabled:
+      return
+    finite = hooks.flatten(jax.device_get(self._finite_leaves(
+        {'params': state.params, 'opt_state': state.opt_state})))
+    bad = [key for key, ok in finite.items() if not ok]
+    if bad:
+      shown = ', '.join(bad[:5]) + (', ...' if len(bad) > 5 else '')
+      raise self._stop(step, 'the state holds NaN or infinite values in '
+                       f'{len(bad)} of its {len(finite)} arrays: {shown}')
 
 
 def _progress_report(setup: setup_lib.Setup, writer: Any) -> Any:
@@ -200,22 +262,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   else:
     start_step = setup.latest_step
     ckpt_dir = checkpoint.directory(workdir)
+    # Reads every array: a damaged step fails here, before any write.
     state = checkpoint.restore(setup_lib.abstract_state(setup, start_step),
                                ckpt_dir, start_step)
     record = checkpoint.read_json(ckpt_dir, start_step, 'meta')['surgery']
     report = None
+    if config.resume_step is not None:
+      checkpoint.set_aside(workdir, after=start_step)
     logging.info('Resuming from %s at step %d; hooks are not run again.',
                  ckpt_dir, start_step)
   writer = _MetricWriter(workdir)
   manager = checkpoint.writer(workdir, config.keep_checkpoints)
-  save = functools.partial(checkpoint.save, manager,
-                           config=resume.to_json_dict(config),
-                           meta=_meta(setup, record))
-  if setup.latest_step is None:
-    if report is not None and jax.process_index() == 0:
-      surgery.write_report(workdir, report)
-    save(start_step, state)
-  state, stats = _train_loop(setup, state, start_step, writer, save)
+  try:
+    save = functools.partial(checkpoint.save, manager,
+                             config=resume.to_json_dict(config),
+                             meta=_meta(setup, record))
+    guard = _Guard(config, last_saved=setup.latest_step)
+    if setup.latest_step is None:
+      if report is not None and jax.process_index() == 0:
+        surgery.write_report(workdir, report)
+      guard.check_state(state, start_step)
+      save(start_step, state)
+      guard.last_saved = start_step
+    state, stats = _train_loop(setup, state, start_step, writer, save, guard)
+  finally:  # Also when the run stops on an error: no open files at exit.
+    writer.flush()
+    manager.close()
   summary = {
       'data_source': setup.data.source,
       'train_size': setup.data.train.size, 'test_size': setup.data.test.size,
@@ -233,20 +305,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   }
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
-  writer.flush()
-  manager.close()
   return summary
 
 
 def _train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
-                writer: Any, save: Any) -> tuple[TrainState, dict[str, Any]]:
+                writer: Any, save: Any, guard: _Guard | None = None
+                ) -> tuple[TrainState, dict[str, Any]]:
   """Runs steps start_step..num_train_steps; evaluates and saves on schedule.
 
   The progress report and the metric writer (TensorFlow) are created after
   the first step, so that nothing but the run's own work precedes it.
+  `guard` (default: config.stop_on_nonfinite's) stops it at a NaN or inf.
   """
   config, topology = setup.config, setup.topology
-  train_fn, empty_metrics = train_functions(topology)
+  guard = guard or _Guard(config, last_saved=start_step)
+  train_fn, empty_metrics = train_functions(topology, guard.enabled)
   eval_fn = jax.jit(steps.eval_step, out_shardings=topology.replicated)
   batches: Iterator[dict[str, np.ndarray]] = data_lib.train_batches(
       setup.data.train, config.batch_size, config.seed, start_step)
@@ -274,25 +347,34 @@ def _train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
       if bar is not None:
         bar.update(1)
       t_pause = time.perf_counter()
-      if step % config.log_every_steps == 0 or step == setup.num_train_steps:
-        writer.write_scalars(step, {
-            f'train_{k}': float(v)
-            for k, v in jax.device_get(train_metrics.compute()).items()})
+      last = step == setup.num_train_steps
+      preempted = preemption.requested(step)
+      checkpoint_now = (step % config.checkpoint_every_steps == 0 or preempted
+                        or last)
+      eval_now = step % config.eval_every_steps == 0 or last
+      if step % config.log_every_steps == 0 or last:
+        scalars = jax.device_get(train_metrics.compute())
+        first_nonfinite = scalars.pop('first_nonfinite_step')
+        writer.write_scalars(step, {f'train_{k}': float(v)
+                                    for k, v in scalars.items()})
         train_metrics = empty_metrics()
-      if step % config.eval_every_steps == 0 or step == setup.num_train_steps:
+        guard.check_totals(first_nonfinite, step)
+      elif guard.enabled and (eval_now or checkpoint_now):
+        guard.check_totals(train_metrics.first_nonfinite_step.compute(), step)
+      if eval_now:
         with report.timed('eval'):
           eval_metrics, eval_step = run_eval(state), step
         writer.write_scalars(step, {f'eval_{k}': v
                                     for k, v in eval_metrics.items()})
         logging.info('step %d: eval accuracy %.4f, loss %.4f', step,
                      eval_metrics['accuracy'], eval_metrics['loss'])
-      preempted = preemption.requested(step)
-      if (step % config.checkpoint_every_steps == 0 or preempted
-          or step == setup.num_train_steps):
+      if checkpoint_now:
+        guard.check_state(state, step)
         with report.timed('checkpoint'):
           save(step, state, metrics=(
               {'accuracy': eval_metrics['accuracy']}
               if eval_step == step else None))
+        guard.last_saved = step
       paused += time.perf_counter() - t_pause
   if bar is not None:
     bar.close()

@@ -91,9 +91,9 @@ def _count_traces(monkeypatch):
   traces = []
   original = steps.train_step
 
-  def counted(state, batch):
+  def counted(state, batch, *args):
     traces.append(1)
-    return original(state, batch)
+    return original(state, batch, *args)
   monkeypatch.setattr(steps, 'train_step', counted)
   return traces
 

@@ -3,11 +3,12 @@
 import os
 import signal
 import subprocess
-import time
+import sys
 
 import chex
 import pytest
 
+from tests.trainer import pausing
 from tests.trainer import runs
 from trainer import checkpoint
 from trainer import steps
@@ -62,25 +63,35 @@ def uninterrupted(tmp_path_factory):
 
 
 def _start_and_signal(workdir, sig, after_step):
+  """Runs the trainer, signals it once step `after_step` is saved.
+
+  The child pauses right after that checkpoint (tests/trainer/pausing.py)
+  and says so on its output; reading up to that line is the handshake, so
+  the signal lands at the same step on an idle or a loaded machine.
+  """
   proc = subprocess.Popen(
-      runs.trainer_command(f'--config={TINY}', f'--workdir={workdir}', *LONG),
+      [sys.executable, '-m', 'tests.trainer.pausing', str(after_step),
+       f'--config={TINY}', f'--workdir={workdir}', *LONG],
       cwd=runs.REPO, env=runs.env(), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 240
-  while (checkpoint.latest_step(str(workdir)) or 0) < after_step:
-    assert proc.poll() is None, proc.communicate()[0]
-    assert time.time() < deadline, 'no checkpoint appeared'
-    time.sleep(0.05)
+  before = []
+  for line in proc.stdout:  # Blocks until the child writes or exits.
+    before.append(line)
+    if line.startswith(pausing.PAUSED):
+      break
+  else:
+    proc.wait()
+    pytest.fail('the trainer ended before it paused:\n' + ''.join(before))
   proc.send_signal(sig)
-  output, _ = proc.communicate(timeout=120)
-  return proc.returncode, output
+  # A hang guard only: the child has at most one step and a save left.
+  output, _ = proc.communicate(timeout=900)
+  return proc.returncode, ''.join(before) + output
 
 
 def test_sigkill_then_restart_is_bitwise_equal(tmp_path, uninterrupted):
   code, output = _start_and_signal(tmp_path, signal.SIGKILL, after_step=10)
   assert code == -signal.SIGKILL, output
-  killed_at = checkpoint.latest_step(str(tmp_path))
-  assert 10 <= killed_at < 150
+  assert checkpoint.latest_step(str(tmp_path)) == 10
   assert not (tmp_path / 'summary.json').exists()
   assert main(['trainer', f'--config={TINY}', f'--workdir={tmp_path}',
                *LONG]) == 0
@@ -90,9 +101,10 @@ def test_sigkill_then_restart_is_bitwise_equal(tmp_path, uninterrupted):
 def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
   code, output = _start_and_signal(tmp_path, signal.SIGTERM, after_step=10)
   assert code == 0, output
-  assert 'SIGTERM' in output
-  stopped_at = checkpoint.latest_step(str(tmp_path))
-  assert 10 <= stopped_at < 150
+  assert 'SIGTERM: saving a checkpoint after this step' in output
+  # The signal came while step 10 was being saved: step 11 finishes, saves.
+  assert checkpoint.latest_step(str(tmp_path)) == 11
+  assert 'after 11 steps' in output
   assert main(['trainer', f'--config={TINY}', f'--workdir={tmp_path}',
                *LONG]) == 0
   runs.assert_bitwise_equal(uninterrupted, runs.final_state(str(tmp_path)))

@@ -1,0 +1,75 @@
+"""`guard`: the train step with the non-finite guard on against off.
+
+Both sides are the trainer's loop step (`trainer.train.train_functions`: metrics
+summed on device, state donated) on the default CNN and the same
+device-resident batches; on: `check_finite=True` (the loss and the global
+gradient norm are tested every step and the first non-finite step is kept in
+the metric totals, config.stop_on_nonfinite=True); off: `check_finite=False`.
+The loop reads the flag only where it reads metrics anyway, so the per-step
+cost is all there is to measure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from benchmarks import common
+from benchmarks import fixtures
+from trainer import train
+
+NAME = 'guard'
+BATCHES = 4
+
+
+class _Step:
+  """The loop's jitted step with its carry (state and metric totals)."""
+
+  def __init__(self, setup: Any, check_finite: bool):
+    self._fn, empty = train.train_functions(setup.topology, check_finite)
+    self.carry = (fixtures.trainer_state(setup), empty())
+
+  def __call__(self, batch: dict[str, Any]) -> None:
+    self.carry = self._fn(*self.carry, batch)
+
+  def block(self) -> None:
+    jax.block_until_ready(self.carry)
+
+
+def run(size: common.Size) -> dict[str, Any]:
+  """Interleaves guard-on and guard-off steps; returns the figures."""
+  setup = fixtures.trainer_setup(fixtures.config())
+  batches = fixtures.device_batches(setup, BATCHES)
+  sides = {'on': _Step(setup, True), 'off': _Step(setup, False)}
+  n = size.steps
+
+  def unit(side: _Step) -> float:
+    t = common.now()
+    for i in range(n):
+      side(batches[i % BATCHES])
+    side.block()
+    return common.now() - t
+
+  units = {name: (lambda s=side: unit(s)) for name, side in sides.items()}
+  for fn in units.values():  # Compile and warm up.
+    fn()
+  # The difference is small: three times the usual rounds for a stable median.
+  rounds = size.rounds if size.tiny else 3 * size.rounds
+  seconds = common.interleaved(units, rounds)
+  ratios = common.round_ratios(seconds['on'], seconds['off'])
+  ratio = common.median(ratios)
+  cmd = common.command(NAME)
+  return {
+      'figures': [
+          common.figure('guard on / off step time', ratio, 'x', '<= 1.02',
+                        ratio <= 1.02, cmd),
+          common.figure('step, guard on', common.median(seconds['on']) / n
+                        * 1e3, 'ms', '-', None, cmd),
+          common.figure('step, guard off', common.median(seconds['off']) / n
+                        * 1e3, 'ms', '-', None, cmd),
+      ],
+      'details': {'batch_size': setup.config.batch_size,
+                  'steps_per_unit': n, 'rounds': rounds,
+                  'seconds': seconds, 'ratio_per_round': ratios},
+  }
