@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from hooks import flat as flat_lib
+from hooks.ocdbt import check_values
 from hooks.readers import canonical
 from hooks.readers import damaged
 from hooks.readers import DonorError
@@ -236,6 +237,7 @@ class OrbaxReader(Reader):
         lambda leaf: (leaf if leaf is ocp.PLACEHOLDER
                       else ocp.RestoreArgs(restore_type=np.ndarray)), item)
     try:
+      check_values(self._item_dir, keys)
       restored = ocp.PyTreeCheckpointer().restore(
           self._item_dir,
           args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))

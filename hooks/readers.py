@@ -62,7 +62,8 @@ def damaged(path: str, step_dir: str, what: str) -> DonorError:
   """The error for a checkpoint whose files cannot be read: what to do."""
   return DonorError(
       f'Donor {path!r}: the checkpoint step directory {step_dir} is damaged: '
-      f'{what}. Pick another step with step=, or re-save this checkpoint.')
+      f'{what}. Pick another step (donor_step= in a hook entry, step= for '
+      'hooks.open_donor), or re-save this checkpoint.')
 
 
 def _hash_leaf(key: str, value: np.ndarray) -> str:

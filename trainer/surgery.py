@@ -47,9 +47,11 @@ class Surgery:
   built: dict[str, list[hooks.HookFn]]
 
 
-def _open(sources: hooks.Sources, path: str, what: str) -> hooks.DonorReader:
+def _open(sources: hooks.Sources, path: str, what: str, *,
+          item: str | None = None, step: int | None = None
+          ) -> hooks.DonorReader:
   try:
-    return sources.open(path)
+    return sources.open(path, item=item, step=step)
   except (hooks.DonorError, OSError) as e:
     raise CheckpointError(f'{what}={path!r}: {e}') from e
 
@@ -80,8 +82,10 @@ def _complete(entry: dict[str, Any], phase: str, index: int, setup: Any,
   entry = dict(entry)
   name = entry.get('name')
   if name in _DONOR_HOOKS and entry.get('donor'):
+    # The same arguments as the hook's, so the hook finds this reader.
     reader = _open(sources, entry['donor'],
-                   f'config.hooks.{phase}[{index}].donor')
+                   f'config.hooks.{phase}[{index}].donor',
+                   item=entry.get('item'), step=entry.get('donor_step'))
     donor = _classes(reader)
     if 'labels' not in entry:
       if donor is not None:

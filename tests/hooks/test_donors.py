@@ -268,7 +268,8 @@ def test_damaged_donor_names_the_step_and_the_fix(tmp_path, state, damage):
     reader.read(sorted(reader.structure()))
   message = str(e.value)
   assert message.startswith(f"Donor '{root}': the checkpoint step directory {root}/2 is damaged: ")
-  assert message.endswith('Pick another step with step=, or re-save this checkpoint.')
+  assert message.endswith('Pick another step (donor_step= in a hook entry, step= for '
+                          'hooks.open_donor), or re-save this checkpoint.')
   assert e.value.__cause__ is None and e.value.__suppress_context__
 
 

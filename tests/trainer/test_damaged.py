@@ -148,3 +148,32 @@ def test_reading_names_the_innermost_error_and_passes_trainer_errors():
   with pytest.raises(errors.ConfigError, match='^as is$'):
     with checkpoint.reading('/ckpt/7', lambda: pytest.fail('not called')):
       raise errors.ConfigError('as is')
+
+
+WARM = os.path.join(runs.REPO, 'configs', 'warm_start.py')
+
+
+@pytest.mark.parametrize('damaged', ['largest data file cut in half'],
+                         indirect=True)
+@pytest.mark.parametrize('how', ['donor', 'init_from'])
+def test_damaged_donor_or_init_from_is_named_without_traceback(
+    damaged, tmp_path, how):
+  """A damaged donor or init_from: a message, no traceback, nothing written."""
+  target = tmp_path / 'target'
+  before = _tree(damaged)
+  if how == 'donor':
+    args = [f'--config={WARM}', '--config.data_source=embedded',
+            f'--config.hooks.post_init[0].donor={damaged}']
+  else:
+    args = [f'--config={TINY}', f'--config.init_from={damaged}']
+  result = runs.run_trainer(*args, f'--workdir={target}',
+                            '--config.num_train_steps=2')
+  assert result.returncode == 1, result.stderr
+  assert (f"Donor '{damaged}': the checkpoint step directory "
+          f'{damaged}/checkpoints/6 is damaged') in result.stderr
+  assert 'OUT_OF_RANGE' in result.stderr
+  assert 'Pick another step (donor_step= in a hook entry' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert 'Event loop is closed' not in result.stderr
+  assert not target.exists()
+  assert _tree(damaged) == before
