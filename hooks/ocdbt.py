@@ -8,6 +8,13 @@ from collections.abc import Sequence
 __all__ = ['check_values']
 
 
+def _is_ocdbt(item_dir: str) -> bool:
+  # The manifest may be the missing file: the data directories say it too.
+  names = os.listdir(item_dir) if os.path.isdir(item_dir) else []
+  return any(n == 'manifest.ocdbt' or n == 'd' or n.startswith('ocdbt.process_')
+             for n in names)
+
+
 def check_values(item_dir: str, keys: Sequence[str] | None = None) -> None:
   """Reads the stored bytes of ``keys`` (default all) one value at a time.
 
@@ -26,7 +33,7 @@ def check_values(item_dir: str, keys: Sequence[str] | None = None) -> None:
     FileNotFoundError: No stored values, or a value whose file is missing.
     ValueError: tensorstore's error for a truncated or unreadable file.
   """
-  if not os.path.exists(os.path.join(item_dir, 'manifest.ocdbt')):
+  if not _is_ocdbt(item_dir):
     return
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   store = ts.KvStore.open({'driver': 'ocdbt',

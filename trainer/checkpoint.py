@@ -284,7 +284,10 @@ def read_json(ckpt_dir: str, step: int, item: str) -> dict[str, Any]:
 
 def stored_structure(ckpt_dir: str,
                      step: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """Flat key -> shape and dtype of a stored state, from metadata alone."""
+  """Flat key -> shape and dtype of a stored state, from metadata alone.
+
+  The keys are `hooks.flatten`'s, as for every donor and init_from.
+  """
   with contextlib.closing(reader(ckpt_dir)) as manager:
     metadata = manager.item_metadata(step)['state']
   if metadata is None:  # orbax's answer when state/_METADATA is missing.
@@ -320,53 +323,36 @@ def read_raw(ckpt_dir: str, step: int,
         state=ocp.args.StandardRestore(target)))['state']
 
 
-def restore(target: Any, source: str | hooks.DonorReader,
-            step: int | None = None,
-            pre_restore: Callable[[FlatState], FlatState] | None = None
-            ) -> Any:
-  """Restores a TrainState: the one way a checkpoint enters a run.
+def restore(target: Any, ckpt_dir: str, step: int) -> Any:
+  """Restores a run's own TrainState: the one way a resume reads state.
 
-  A run's own checkpoint (`source` is its checkpoints directory) must have
-  the target's structure (keys, shapes, dtypes, checked from metadata first)
-  and is read straight into the target's layout. A checkpoint from elsewhere
-  (`source` is a donor reader: another run's, or a legacy flax file) is read
-  flat, passed through `pre_restore` (the pre_restore hooks), checked against
-  the target's structure, and unflattened into it.
+  The checkpoint must have the target's structure (keys, shapes, dtypes,
+  checked from metadata first) and is read straight into the target's
+  layout. Checkpoints from elsewhere (init_from, donors) go through
+  `hooks.restore` and `hooks.apply` instead (trainer/surgery.py).
 
   Args:
     target: the abstract TrainState (ShapeDtypeStructs with shardings).
-    source: a checkpoints directory, or a reader over a foreign checkpoint.
-    step: the step to restore from a checkpoints directory.
-    pre_restore: an edit of a foreign flat checkpoint before it is restored.
+    ckpt_dir: the run's checkpoints directory.
+    step: the step to restore.
 
   Returns:
     The restored TrainState, placed like `target`.
 
   Raises:
-    CheckpointError: the checkpoint does not fit the target, or (a run's
-      own) cannot be read back: every array is read here, so this is also
-      the check that the step is whole.
+    CheckpointError: the checkpoint does not fit the target, or cannot be
+      read back: every array is read here, so this is also the check that
+      the step is whole.
   """
   expected = hooks.expected_structure(hooks.flatten(target))
-  if isinstance(source, str):
-    with reading(f'{source}/{step}', lambda: way_out_of(source, step)):
-      check_stored_values(source, step)
-      _check(stored_structure(source, step), expected,
-             f'checkpoint {source}/{step}')
-      with contextlib.closing(reader(source)) as manager:
-        return jax.block_until_ready(manager.restore(
-            step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))['state'])
-  flat = source.read(sorted(source.structure()))
-  if pre_restore is not None:
-    flat = pre_restore(flat)
-  _check(flat, expected, f'checkpoint {source.path} after the pre_restore '
-         'hooks')
-  shardings = {k: v.sharding for k, v in hooks.flatten(target).items()}
-  placed = {k: jax.device_put(v, shardings[k]) for k, v in flat.items()}
-  logging.info('Restored %s through %s.', source.path,
-               'pre_restore hooks' if pre_restore else 'a structure check')
-  return hooks.unflatten(placed, target)
+  with reading(f'{ckpt_dir}/{step}', lambda: way_out_of(ckpt_dir, step)):
+    check_stored_values(ckpt_dir, step)
+    _check(stored_structure(ckpt_dir, step), expected,
+           f'checkpoint {ckpt_dir}/{step}')
+    with contextlib.closing(reader(ckpt_dir)) as manager:
+      return jax.block_until_ready(manager.restore(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target)))['state'])
 
 
 def _check(flat: FlatState, expected: dict[str, jax.ShapeDtypeStruct],
