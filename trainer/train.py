@@ -346,8 +346,14 @@ def _train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
       report(step)
       if bar is not None:
         bar.update(1)
-      t_pause = time.perf_counter()
       last = step == setup.num_train_steps
+      if last or any(step % every == 0 for every in (
+          config.log_every_steps, config.eval_every_steps,
+          config.checkpoint_every_steps)):
+        # The steps still queued are training time: wait for them before the
+        # pause (metrics, eval, checkpoint) starts, not inside it.
+        jax.block_until_ready((state, train_metrics))
+      t_pause = time.perf_counter()
       preempted = preemption.requested(step)
       checkpoint_now = (step % config.checkpoint_every_steps == 0 or preempted
                         or last)
