@@ -32,7 +32,11 @@ pytestmark = pytest.mark.filterwarnings(
 
 KEYS = ['params/head/kernel', 'batch_stats/BatchNorm_0/var',
         'opt_state/0/mu/Conv_0/kernel', 'step']
-LEGACY = '/work/shared/fixtures/legacy_flax_optim/adam/checkpoint_20'
+# shared/ sits beside the repository root, in CI as here.
+LEGACY = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))),
+    'shared', 'fixtures', 'legacy_flax_optim', 'adam', 'checkpoint_20')
 
 
 def _distinct(tree, offset: float):
