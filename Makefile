@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(PY) -m trainer --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
+# Two workers (one per core); a module's tests stay on one worker, so its
+# fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadscope tests
 
 # `make experiment NAME=warm_start_resize_head [ARGS=--tiny]`: one experiment of
 # experiments/, written to experiments/<NAME>/results/.

@@ -50,8 +50,9 @@ def test_rerunning_a_finished_run_trains_no_more(tmp_path):
   runs.assert_bitwise_equal(first, runs.final_state(str(tmp_path)))
 
 
-LONG = ('--config.num_train_steps=150', '--config.checkpoint_every_steps=5',
-        '--config.eval_every_steps=50', '--config.log_every_steps=10')
+# Long enough to signal mid-run: the child pauses at step 10 (no race).
+LONG = ('--config.num_train_steps=16', '--config.checkpoint_every_steps=5',
+        '--config.eval_every_steps=8', '--config.log_every_steps=4')
 
 
 @pytest.fixture(scope='module')
