@@ -50,3 +50,14 @@ def run_trainer(*args: str, timeout: float = 300, **extra_env: str
 
 def device_count() -> int:
   return jax.device_count()
+
+
+def file_tree(path) -> dict[str, tuple[int, int]]:
+  """Every file under `path` with its size and mtime, to prove nothing changed."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      st = os.stat(full)
+      out[full] = (st.st_size, st.st_mtime_ns)
+  return out

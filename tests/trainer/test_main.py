@@ -13,15 +13,7 @@ from trainer.__main__ import main
 TINY = os.path.join(runs.REPO, 'configs', 'tiny.py')
 
 
-def _tree(path):
-  """Every file under `path` with its size and mtime, to prove nothing changed."""
-  out = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      full = os.path.join(root, name)
-      st = os.stat(full)
-      out[full] = (st.st_size, st.st_mtime_ns)
-  return out
+_tree = runs.file_tree
 
 
 def test_tiny_run_end_to_end(tmp_path, capsys):
