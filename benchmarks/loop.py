@@ -1,6 +1,6 @@
 """`loop`: a whole epoch through the trainer's loop against its pure steps.
 
-A side: `trainer.train._train_loop` (data order and batching, placement on
+A side: `trainer.train.train_loop` (data order and batching, placement on
 the mesh, steps, metrics merged on device and written once an epoch, the
 non-finite guard, clu progress report, the tqdm bar; periodic eval and
 checkpoints off) runs two
@@ -115,10 +115,8 @@ def run(size: common.Size) -> dict[str, Any]:
     with open(os.devnull, 'w') as devnull:
       stderr, sys.stderr = sys.stderr, devnull  # The tqdm bar.
       try:
-        guard = train._Guard(  # pylint: disable=protected-access
-            run_setup.config, last_saved=None)
-        loop_state, _ = train._train_loop(  # pylint: disable=protected-access
-            run_setup, loop_state, first, clock, save, guard)
+        loop_state, _ = train.train_loop(
+            run_setup, loop_state, first, clock, save)
       finally:
         sys.stderr = stderr
     start['step'] = first + 2 * per_epoch

@@ -30,7 +30,10 @@ def main(argv: Sequence[str]) -> int:
     0 on success, 2 for bad flags, 1 for any other bad input.
   """
   try:
-    values = cli.parse_flags(argv)
+    values = cli.parse_flags(argv, __doc__)
+  except cli.HelpRequested as e:
+    print(e)
+    return 0
   except (flags.Error, KeyError) as e:  # ml_collections raises KeyError.
     print(f'error: {e}', file=sys.stderr)
     return 2

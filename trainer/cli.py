@@ -55,7 +55,19 @@ def apply_hook_overrides(config: Any, overrides: Sequence[str]) -> None:
       entry[field] = _parse_value(match['value'], entry.get(field))
 
 
-def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
+HELP = ('-h', '--help', '--helpshort', '--helpfull')
+
+
+class HelpRequested(Exception):
+  """`-h`/`--help` was given; the message is the help text (exit status 0)."""
+
+
+def help_text(doc: str, values: flags.FlagValues) -> str:
+  """A command's docstring followed by its flags."""
+  return f'{doc.strip()}\n\nflags:\n{values.get_help()}\n'
+
+
+def parse_flags(argv: Sequence[str], doc: str = '') -> flags.FlagValues:
   """Parses argv into fresh flag values (so main can run many times in-process).
 
   Args:
@@ -66,6 +78,8 @@ def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
 
   Raises:
     flags.Error: an unknown flag or config key, or a value of the wrong type.
+    HelpRequested: `-h` or `--help` was given (the help text, built from
+      `doc` and the flags).
   """
   hook_overrides = [a for a in argv if _HOOK_OVERRIDE.fullmatch(a)]
   argv = [a for a in argv if not _HOOK_OVERRIDE.fullmatch(a)]
@@ -84,6 +98,8 @@ def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
                        'Number of processes in the run.', flag_values=values)
   flags.DEFINE_integer('process_id', int(os.environ.get('JAX_PROCESS_ID', '0')),
                        "This process's index.", flag_values=values)
+  if any(arg in HELP for arg in argv[1:]):
+    raise HelpRequested(help_text(doc, values))
   values(argv)
   if values.config is None:
     raise flags.Error('--config is required, e.g. --config=configs/default.py')

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 import hooks
+from trainer import cli
 
 
 def table(structure: Mapping[str, jax.ShapeDtypeStruct],
@@ -56,6 +57,9 @@ def main(argv: Sequence[str]) -> int:
   values = flags.FlagValues()
   flags.DEFINE_string('filter', None, 'Only keys matching this regex.',
                       flag_values=values)
+  if any(arg in cli.HELP for arg in argv[1:]):
+    print(cli.help_text(__doc__, values))
+    return 0
   try:
     rest = values(list(argv))
     if len(rest) != 2:

@@ -26,7 +26,10 @@ def main(argv: Sequence[str]) -> int:
     argv: the same command line `python -m trainer` takes.
   """
   try:
-    values = cli.parse_flags(argv)
+    values = cli.parse_flags(argv, __doc__)
+  except cli.HelpRequested as e:
+    print(e)
+    return 0
   except (flags.Error, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

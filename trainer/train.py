@@ -177,7 +177,7 @@ def train_functions(topology: distributed.Topology,
   return train_fn, empty_metrics
 
 
-class _Guard:
+class Guard:
   """Stops the run at a non-finite loss, gradient norm or state.
 
   The train step records the first step with a NaN or infinite loss or
@@ -277,14 +277,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     save = functools.partial(checkpoint.save, manager,
                              config=resume.to_json_dict(config),
                              meta=_meta(setup, record))
-    guard = _Guard(config, last_saved=setup.latest_step)
+    guard = Guard(config, last_saved=setup.latest_step)
     if setup.latest_step is None:
       if report is not None and jax.process_index() == 0:
         surgery.write_report(workdir, report)
       guard.check_state(state, start_step)
       save(start_step, state)
       guard.last_saved = start_step
-    state, stats = _train_loop(setup, state, start_step, writer, save, guard)
+    state, stats = train_loop(setup, state, start_step, writer, save, guard)
   finally:  # Also when the run stops on an error: no open files at exit.
     writer.flush()
     manager.close()
@@ -308,17 +308,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return summary
 
 
-def _train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
-                writer: Any, save: Any, guard: _Guard | None = None
-                ) -> tuple[TrainState, dict[str, Any]]:
+def train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
+               writer: Any, save: Any, guard: Guard | None = None
+               ) -> tuple[TrainState, dict[str, Any]]:
   """Runs steps start_step..num_train_steps; evaluates and saves on schedule.
 
   The progress report and the metric writer (TensorFlow) are created after
   the first step, so that nothing but the run's own work precedes it.
-  `guard` (default: config.stop_on_nonfinite's) stops it at a NaN or inf.
+
+  Args:
+    setup: the checked run.
+    state: the state at `start_step`.
+    start_step: the step the loop starts from.
+    writer: a clu metric writer.
+    save: `save(step, state, metrics=...)`, called at checkpoint steps.
+    guard: stops the run at a NaN or inf; default config.stop_on_nonfinite's.
+
+  Returns:
+    The final state and the loop's figures (step, steps_run, eval,
+    examples_per_sec, preempted).
+
+  Raises:
+    NonFiniteError: the guard found a non-finite loss, gradient or state.
   """
   config, topology = setup.config, setup.topology
-  guard = guard or _Guard(config, last_saved=start_step)
+  guard = guard or Guard(config, last_saved=start_step)
   train_fn, empty_metrics = train_functions(topology, guard.enabled)
   eval_fn = jax.jit(steps.eval_step, out_shardings=topology.replicated)
   batches: Iterator[dict[str, np.ndarray]] = data_lib.train_batches(

@@ -3,6 +3,8 @@
 import json
 import re
 import os
+import subprocess
+import sys
 
 import pytest
 import tensorflow_datasets as tfds
@@ -140,3 +142,15 @@ def test_relative_workdir_and_donor_paths(tmp_path, monkeypatch):
                     )['steps_this_run'] == 1
   assert main(['trainer', f'--config={TINY}', '--workdir=runs/b',
                '--config.num_train_steps=2', '--config.init_from=runs/a']) == 0
+
+
+@pytest.mark.parametrize('module', ['trainer', 'trainer.plan',
+                                    'trainer.inspect'])
+def test_help_exits_0_and_lists_the_flags(module):
+  result = subprocess.run([sys.executable, '-m', module, '--help'],
+                          cwd=runs.REPO, env=runs.env(), capture_output=True,
+                          text=True, check=False, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert f'python -m {module}' in result.stdout
+  flag = '--filter' if module == 'trainer.inspect' else '--config'
+  assert flag in result.stdout
