@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from flax.training import train_state
@@ -108,3 +111,55 @@ def abstract(tree: Any) -> Any:
 
 # Compiled once per state structure; eager conv gradients are slow on CPU.
 jitted_train_step = jax.jit(train_step)
+
+
+def inject_adam(learning_rate: float = 1e-2) -> optax.GradientTransformation:
+  """hooks.optim.adam inside inject_hyperparams, as the trainer builds it."""
+  return optax.inject_hyperparams(optim.adam)(
+      learning_rate=optax.constant_schedule(learning_rate))
+
+
+class MemoryReader:
+  """A checkpoint held in memory: a ``hooks.DonorReader`` that logs reads."""
+
+  form = 'memory'
+  item = None
+  metadata: Mapping[str, Any] = {}
+
+  def __init__(self, flat: Mapping[str, Any], step: int | None = None):
+    # Writable copies: a hook that wrote into what it read would show.
+    # As JAX would hold them (a Python int step is int32), like real readers.
+    self._flat = {
+        k: np.array(v, jax.dtypes.canonicalize_dtype(np.result_type(v)))
+        for k, v in flat.items()}
+    self.pristine = {k: v.copy() for k, v in self._flat.items()}
+    self.step = step
+    self.reads: list[list[str]] = []
+
+  @property
+  def path(self) -> str:
+    return '<memory>'
+
+  def structure(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in self._flat.items()}
+
+  def read(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    self.reads.append(list(keys))
+    return {k: self._flat[k] for k in keys}
+
+  def digest(self) -> str:
+    sha = hashlib.sha256()
+    for key in sorted({k for keys in self.reads for k in keys}):
+      sha.update(key.encode() + self._flat[key].tobytes())
+    return sha.hexdigest()
+
+  def check_unwritten(self) -> None:
+    """Asserts that no array this reader handed out was written into."""
+    for key, value in self.pristine.items():
+      np.testing.assert_array_equal(self._flat[key], value, err_msg=key)
+
+  def provenance(self) -> dict[str, Any]:
+    return {'path': self.path, 'form': self.form, 'step': self.step,
+            'item': self.item, 'sha256': self.digest(),
+            'keys_read': sorted({k for keys in self.reads for k in keys})}

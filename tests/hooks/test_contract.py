@@ -34,6 +34,7 @@ import hooks
 from hooks import flat as flat_lib
 from hooks import validation
 from tests.hooks import families
+from tests.hooks import helpers
 
 DONOR = '<donor checkpoint>'  # Replaced by the family's donor path.
 FAMILIES = (families.CNN, families.BN, families.TRANSFORMER)
@@ -234,49 +235,6 @@ def _transformer() -> dict[str, Example]:
 EXAMPLES = {'cnn': _cnn(), 'bn': _bn(), 'transformer': _transformer()}
 
 
-class MemoryReader:
-  """A checkpoint held in memory: a ``hooks.DonorReader`` that logs reads."""
-
-  form = 'memory'
-  item = None
-  metadata: Mapping[str, Any] = {}
-
-  def __init__(self, flat: Mapping[str, Any], step: int | None = None):
-    # Writable copies: a hook that wrote into what it read would show.
-    self._flat = {k: np.array(v) for k, v in flat.items()}
-    self.pristine = {k: v.copy() for k, v in self._flat.items()}
-    self.step = step
-    self.reads: list[list[str]] = []
-
-  @property
-  def path(self) -> str:
-    return '<memory>'
-
-  def structure(self) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-            for k, v in self._flat.items()}
-
-  def read(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    self.reads.append(list(keys))
-    return {k: self._flat[k] for k in keys}
-
-  def digest(self) -> str:
-    sha = hashlib.sha256()
-    for key in sorted({k for keys in self.reads for k in keys}):
-      sha.update(key.encode() + self._flat[key].tobytes())
-    return sha.hexdigest()
-
-  def check_unwritten(self) -> None:
-    """Asserts that no array this reader handed out was written into."""
-    for key, value in self.pristine.items():
-      np.testing.assert_array_equal(self._flat[key], value, err_msg=key)
-
-  def provenance(self) -> dict[str, Any]:
-    return {'path': self.path, 'form': self.form, 'step': self.step,
-            'item': self.item, 'sha256': self.digest(),
-            'keys_read': sorted({k for keys in self.reads for k in keys})}
-
-
 class SpySources(hooks.Sources):
   """``hooks.Sources`` that records every ``read`` of the readers it opens."""
 
@@ -331,7 +289,7 @@ def test_every_registered_hook_has_an_example_per_family():
 
 
 def test_memory_reader_is_a_donor_reader():
-  assert isinstance(MemoryReader({}), hooks.DonorReader)
+  assert isinstance(helpers.MemoryReader({}), hooks.DonorReader)
 
 
 def _owner(key: str, params: set[str]) -> str | None:
@@ -442,7 +400,7 @@ def test_hook_contract(family, opt, name, mode, donors):
     start = families.abstract(start)
   expected = validation.expected_structure(flat_lib.flatten(fresh_state))
   if restoring:
-    reader = MemoryReader(example.checkpoint(flat_lib.flatten(used)))
+    reader = helpers.MemoryReader(example.checkpoint(flat_lib.flatten(used)))
     state, report = hooks.restore(
         reader, start, [hook], rng=jax.random.key(0),
         fresh=lambda: fresh_state, sources=sources, dry_run=mode != 'concrete')

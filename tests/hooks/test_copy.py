@@ -23,9 +23,7 @@ EMPTY = hashlib.sha256().hexdigest()
 RNG = jax.random.key(0)
 
 
-def _tx():
-  return optax.inject_hyperparams(optim.adam)(
-      learning_rate=optax.constant_schedule(1e-2))
+_tx = helpers.inject_adam
 
 
 def _np(x):

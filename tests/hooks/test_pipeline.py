@@ -25,28 +25,6 @@ def _state():
           'step': jnp.array(0)}
 
 
-class MemoryReader:
-  """A hooks.DonorReader over a dict, counting what is read."""
-
-  def __init__(self, flat, path='/memory'):
-    # As JAX would hold them (a Python int step is int32), like real readers.
-    self._flat = {k: np.asarray(v, jax.dtypes.canonicalize_dtype(np.result_type(v)))
-                  for k, v in flat.items()}
-    self.path = path
-    self.metadata = {}
-    self.reads = []
-
-  def structure(self):
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self._flat.items()}
-
-  def read(self, keys):
-    self.reads.append(list(keys))
-    return {k: self._flat[k] for k in keys}
-
-  def provenance(self):
-    return {'path': self.path, 'form': 'memory', 'step': None, 'sha256': '-'}
-
-
 def test_apply_runs_in_order_reports_and_keeps_untouched_leaves():
   hooks.register('scale')(scale)
   state = _state()
@@ -158,7 +136,7 @@ def test_restore_reads_checks_places_and_reports_the_source():
   state = helpers.make_state()
   flat = flat_lib.flatten(state)
   renamed = {k.replace('Dense_1', 'head'): v for k, v in flat.items()}
-  reader = MemoryReader(renamed)
+  reader = helpers.MemoryReader(renamed)
   target = helpers.abstract(state)
   out, report = hooks.restore(
       reader, target, [{'name': 'rename', 'rules': [('head/(.*)', r'Dense_1/\1')]}],
@@ -185,7 +163,7 @@ def test_sources_open_each_path_once(tmp_path, monkeypatch):
   opened = []
   monkeypatch.setattr(
       'hooks.donors.open_donor',
-      lambda path, item=None, step=None: opened.append(path) or MemoryReader({}, path))
+      lambda path, item=None, step=None: opened.append(path) or helpers.MemoryReader({}))
   sources = hooks.Sources()
   first = sources.open(tmp_path / 'a')
   assert sources.open(str(tmp_path / 'a')) is first

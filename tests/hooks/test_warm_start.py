@@ -21,9 +21,7 @@ SLOT = 'opt_state/inner_state/0/{}/{}'
 RNG = jax.random.key(0)
 
 
-def _tx():
-  return optax.inject_hyperparams(optim.adam)(
-      learning_rate=optax.constant_schedule(1e-2))
+_tx = helpers.inject_adam
 
 
 def _head(donor=LOW, target=TEN):
