@@ -33,6 +33,7 @@ from hooks.flat import unflatten
 from hooks.freeze import carry_opt_state
 from hooks.freeze import freeze
 from hooks.freeze import freeze_state
+from hooks import nnx_state
 from hooks.freeze import FrozenTransformation
 from hooks.freeze import stop_frozen_gradients
 from hooks.pipeline import apply
@@ -91,6 +92,7 @@ __all__ = [
     'get',
     'match_keys',
     'names',
+    'nnx_state',
     'open_donor',
     'optim',
     'param_keys',

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from hooks import flat as flat_lib
+from hooks import nnx_state
 from hooks import validation
 
 __all__ = [
@@ -228,17 +229,28 @@ def freeze_state(state: Any, patterns: Sequence[str]) -> Any:
   params that become frozen lose their slots, and params that become
   trainable get fresh ones.
 
+  An NNX ``(model, optimizer)`` gets a new ``nnx.Optimizer`` whose ``wrt``
+  leaves the frozen params out (``nnx_state.freeze_optimizer``).
+
   Args:
-    state: A ``flax.training.train_state.TrainState`` or a subclass.
+    state: A ``flax.training.train_state.TrainState`` or a subclass, or an
+      NNX ``(model, nnx.Optimizer)``.
     patterns: Regexes over param paths without ``params/``.
 
   Returns:
-    ``state.replace(tx=..., opt_state=...)``: the two agree.
+    ``state.replace(tx=..., opt_state=...)``: the two agree; for NNX,
+    ``(model, new_optimizer)``.
 
   Raises:
     ValueError: If a pattern is invalid or matches no param, if every param
       would be frozen, or if a slot's shape differs from the new state's.
   """
+  if nnx_state.is_nnx(state) and not isinstance(state, tuple):
+    raise ValueError('freeze_state needs the optimizer: pass (model, '
+                     'optimizer), not the model alone.')
+  if nnx_state.is_nnx(state):
+    model, optimizer = state
+    return model, nnx_state.freeze_optimizer(model, optimizer, patterns)
   tx = freeze(state.tx, state.params, patterns)
   opt_state = carry_opt_state(flat_lib.flatten(state.opt_state), tx,
                               state.params)

@@ -18,6 +18,7 @@ import jax
 
 from hooks import api
 from hooks import flat as flat_lib
+from hooks import nnx_state
 from hooks import report as report_lib
 from hooks import validation
 from hooks.runner import Entry
@@ -85,9 +86,15 @@ def apply(
   before any hook runs, the structure is checked after each hook, and new
   leaves are placed like the leaves they replace (same sharding).
 
+  An NNX model, or ``(model, nnx.Optimizer)``, is edited through its flat
+  view (``hooks.nnx_state``: the same keys as a Linen ``TrainState``) and
+  updated in place with ``nnx.update`` once every hook has succeeded; a dry
+  run leaves it untouched and returns an abstract copy.
+
   Args:
-    state: A ``flax.training.train_state.TrainState`` (or any pytree),
-      concrete or abstract (``jax.ShapeDtypeStruct`` leaves: a dry run).
+    state: A ``flax.training.train_state.TrainState`` (or any pytree), or an
+      NNX model or ``(model, optimizer)``; concrete or abstract
+      (``jax.ShapeDtypeStruct`` leaves: a dry run).
     entries: Hook entries ``{'name': ..., **params}`` or built hooks.
     rng: A PRNG key; each hook gets its own fold.
     fresh: Returns a freshly initialised state of the same model and
@@ -106,6 +113,9 @@ def apply(
     StructureError: If a hook changes the state's keys, shapes or dtypes.
     ValueError, UnknownHookError: If an entry cannot be built.
   """
+  if nnx_state.is_nnx(state):
+    return _apply_nnx(state, entries, rng=rng, fresh=fresh, sources=sources,
+                      dry_run=dry_run)
   flat = flat_lib.flatten(state)
   abstract = dry_run or is_abstract(flat)
   if abstract:
@@ -116,6 +126,29 @@ def apply(
   if not abstract:
     result = _place(result, flat)
   return flat_lib.unflatten(result, state), report
+
+
+def _nnx_fresh(fresh: Callable[[], Any] | None) -> Callable[[], Flat] | None:
+  if fresh is None:
+    return None
+  return lambda: nnx_state.flatten(fresh())
+
+
+def _apply_nnx(state: State, entries: Sequence[Entry], *, rng: jax.Array,
+               fresh: Callable[[], State] | None, sources: Sources | None,
+               dry_run: bool) -> tuple[State, report_lib.Report]:
+  """``apply`` on an NNX model or ``(model, optimizer)``: see ``nnx_state``."""
+  flat = nnx_state.flatten(state)
+  abstract = dry_run or is_abstract(flat)
+  if abstract:
+    state = nnx_state.abstract(state)  # A dry run leaves the state alone.
+    flat = nnx_state.flatten(state)
+  result, report = run_flat(
+      flat, entries, expected=validation.expected_structure(flat), rng=rng,
+      fresh=_nnx_fresh(fresh), sources=sources, validate_each=True)
+  if not abstract:
+    result = _place(result, flat)
+  return nnx_state.write(state, result), report
 
 
 def plan(state: Any, entries: Sequence[Entry], *, rng: jax.Array,
@@ -158,7 +191,8 @@ def restore(
   Args:
     checkpoint: A path in any form ``hooks.open_donor`` reads, or a reader.
     target: The state to restore into, concrete or abstract (its leaves'
-      ``sharding``, when set, places the result).
+      ``sharding``, when set, places the result); an NNX model or
+      ``(model, optimizer)`` is updated in place (unless ``dry_run``).
     entries: Hook entries run on the checkpoint before it is restored.
     rng: A PRNG key; each hook gets its own fold.
     fresh: As for ``apply``.
@@ -177,7 +211,12 @@ def restore(
     reader = sources.open(checkpoint)
   else:
     reader = checkpoint
-  target_flat = flat_lib.flatten(target)
+  nnx_target = nnx_state.is_nnx(target)
+  if nnx_target and dry_run:
+    target = nnx_state.abstract(target)
+  target_flat = nnx_state.flat_like(target)
+  if nnx_target:
+    fresh = _nnx_fresh(fresh)
   structure = reader.structure()
   flat = dict(structure) if dry_run else reader.read(list(structure))
   result, report = run_flat(
@@ -193,4 +232,6 @@ def restore(
   if reader not in sources.readers():
     report.add_source(reader.provenance())
   logging.info('Restored %s through %d hooks.', reader.path, len(entries))
+  if nnx_target:
+    return nnx_state.write(target, result), report
   return flat_lib.unflatten(result, target), report
