@@ -15,8 +15,10 @@ from typing import Any, TypeVar
 
 from absl import logging
 import jax
+import numpy as np
 
 from hooks import api
+from hooks import copy_plan
 from hooks import flat as flat_lib
 from hooks import nnx_state
 from hooks import report as report_lib
@@ -170,6 +172,29 @@ def plan(state: Any, entries: Sequence[Entry], *, rng: jax.Array,
                dry_run=True)[1]
 
 
+def _step_as(flat: Flat, target: Mapping[str, Any]) -> Flat:
+  """Gives the checkpoint's ``step`` the target's integer dtype, by value.
+
+  A Linen ``TrainState`` counts steps in ``int32``, an ``nnx.Optimizer`` in
+  ``uint32``: either restores into the other (a value that would wrap is an
+  error).
+  """
+  if 'step' not in flat or 'step' not in target:
+    return flat
+  shape, dtype = validation.shape_dtype(flat['step'])
+  want = np.dtype(validation.shape_dtype(target['step'])[1])
+  if np.dtype(dtype) == want or np.dtype(dtype).kind not in 'iu' or (
+      want.kind not in 'iu'):
+    return flat
+  out = dict(flat)
+  if isinstance(flat['step'], jax.ShapeDtypeStruct):
+    out['step'] = jax.ShapeDtypeStruct(shape, want)
+  else:
+    copy_plan.check_fits('step', flat['step'], want)
+    out['step'] = np.asarray(flat['step']).astype(want)
+  return out
+
+
 def restore(
     checkpoint: str | os.PathLike[str] | api.DonorReader,
     target: State,
@@ -219,6 +244,7 @@ def restore(
     fresh = _nnx_fresh(fresh)
   structure = reader.structure()
   flat = dict(structure) if dry_run else reader.read(list(structure))
+  flat = _step_as(flat, target_flat)
   result, report = run_flat(
       flat, entries, expected=validation.expected_structure(target_flat),
       rng=rng, fresh=fresh, sources=sources, checkpoint=reader,

@@ -161,5 +161,5 @@ class MemoryReader:
 
   def provenance(self) -> dict[str, Any]:
     return {'path': self.path, 'form': self.form, 'step': self.step,
-            'item': self.item, 'sha256': self.digest(),
+            'item': self.item, 'sha256': self.digest() if self.reads else None,
             'keys_read': sorted({k for keys in self.reads for k in keys})}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import jax
 import numpy as np
 import optax
@@ -19,7 +17,6 @@ TEN = list(range(10))
 HIGH = [5, 6, 7, 8, 9]
 HEAD = [{'layers': 'Dense_1', 'donor': HIGH, 'target': TEN}]
 SLOT = 'opt_state/inner_state/0/{}/{}'
-EMPTY = hashlib.sha256().hexdigest()
 RNG = jax.random.key(0)
 
 
@@ -141,7 +138,7 @@ def test_plan_reads_nothing(target, donor):
                                {'name': 'copy_slots', 'donor': donor,
                                 'labels': HEAD}], rng=RNG)
   (source,) = report.sources
-  assert source['keys_read'] == [] and source['sha256'] == EMPTY
+  assert source['keys_read'] == [] and source['sha256'] is None
   assert report.actions(SLOT.format('nu', 'Dense_1/kernel'))[1].describe() == (
       'resized (16, 5) -> (16, 10)')
 
