@@ -55,6 +55,7 @@ def _transferred(items: Any) -> dict[str, Any]:
   out: dict[str, Any] = {}
   batch_keys, batch_values, batch_shardings = [], [], []
   for key, leaf, plan, value in items:
+    copy_plan.check_fits(key, value, validation.shape_dtype(leaf)[1])
     if not transfer.on_device(leaf, plan.target_shape):
       dtype = validation.shape_dtype(leaf)[1]
       out[key] = transfer.place(plan.apply(leaf, value, dtype), leaf)
@@ -158,7 +159,7 @@ def copy_params(
                         on_shape_mismatch, on_dtype_mismatch)
 
   def hook_fn(flat: dict, ctx: api.Context) -> dict:
-    reader = select.open_source(ctx, donor, item, donor_step)
+    reader = select.open_source(ctx, donor, item, donor_step, opts)
     plan = copy_plan.plan_variables(flat, reader.structure(), opts)
     return execute(plan, flat, ctx, reader, 'copy_params')
 
@@ -201,7 +202,7 @@ def copy_slots(
                         on_shape_mismatch, on_dtype_mismatch)
 
   def hook_fn(flat: dict, ctx: api.Context) -> dict:
-    reader = select.open_source(ctx, donor, item, donor_step)
+    reader = select.open_source(ctx, donor, item, donor_step, opts)
     structure = reader.structure()
     params = copy_plan.plan_variables(flat, structure, opts)
     slots = copy_plan.plan_slots(flat, structure, params, on_dtype_mismatch)

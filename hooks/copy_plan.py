@@ -24,7 +24,8 @@ from hooks import select
 from hooks import transfer
 from hooks import validation
 
-__all__ = ['Copy', 'Plan', 'plan_slots', 'plan_step', 'plan_variables']
+__all__ = ['Copy', 'Plan', 'check_fits', 'plan_slots', 'plan_step',
+           'plan_variables']
 
 # What optax.partition puts above a partition's state (any labels): slots
 # match across donor and target once it is removed.
@@ -229,3 +230,20 @@ def plan_step(flat: Mapping[str, Any], structure: Mapping[str, Any]) -> Plan:
       continue
     plan.copies[key] = Copy(donor_key, transfer.plan((), ()))
   return plan
+
+
+def check_fits(key: str, value: Any, dtype: Any) -> None:
+  """Raises ValueError if integers copied into ``dtype`` would wrap.
+
+  Steps (``int32`` in a TrainState, ``uint32`` in NNX) carry their value.
+  """
+  value, dtype = np.asarray(value), np.dtype(dtype)
+  if (value.dtype == dtype or not value.size or value.dtype.kind not in 'iu'
+      or dtype.kind not in 'iu'):
+    return
+  low, high, info = int(value.min()), int(value.max()), np.iinfo(dtype)
+  if low < info.min or high > info.max:
+    raise ValueError(
+        f"{key}: the donor's {value.dtype.name} values {low}..{high} do not "
+        f"fit the target's {dtype.name} ({info.min}..{info.max}); a copy "
+        "would wrap them. Fix the donor, or keep the target's (step='reset').")

@@ -19,7 +19,9 @@
   optimizer, flax's msgpack ``checkpoint_<n>``).
 
 Orbax forms restore only the leaves asked for (``hooks.orbax_donor``); msgpack
-files are decoded whole (``hooks.readers``).
+files are decoded whole (``hooks.readers``). An orbax tree whose every key
+ends with ``/value`` is an ``nnx.state`` (form ``'orbax-nnx-state'``): copy
+hooks read it under the target's names (``hooks.nnx_donor``).
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def open_donor(path: str | os.PathLike[str], *, item: str | None = None,
 
   Returns:
     A ``DonorReader`` (``path``, ``form``, ``step``, ``item``, ``metadata``,
-    ``structure()``, ``read(keys)``, ``digest()``, ``provenance()``).
+    ``structure()``, ``read(keys)``, ``digest()``, ``provenance()``); an
+    ``nnx.state`` checkpoint has its stored keys (``Conv_0/kernel/value``).
 
   Raises:
     DonorError: If nothing readable is at ``path``, the choice is ambiguous
@@ -188,5 +191,7 @@ def open_donor(path: str | os.PathLike[str], *, item: str | None = None,
     reader = MsgpackReader(path, path, own)
   else:
     reader = _open_dir(path, path, item, step)
-  logging.info('Donor %s: %r.', path, reader)
+  # Debug only: what a run does with a donor names it once (a hook's line,
+  # the report's source line).
+  logging.debug('Donor %s: %r.', path, reader)
   return reader

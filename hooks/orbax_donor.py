@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from hooks import flat as flat_lib
+from hooks import nnx_donor
 from hooks.ocdbt import check_values
 from hooks.readers import canonical
 from hooks.readers import damaged
@@ -126,9 +127,8 @@ def steps(path: str, directory: str, files: bool) -> dict[int, str]:
       continue
     if step in found:
       raise DonorError(
-          f'Donor {path!r}: {directory} holds two checkpoints of step {step}: '
-          f'{found[step]} and {entry.path}; pass the one you mean as the '
-          'path.')
+          f'Donor {path!r}: {directory} holds two checkpoints of step '
+          f'{step}: {found[step]} and {entry.path}; pass the one you mean.')
     found[step] = entry.path
   return found
 
@@ -195,7 +195,7 @@ class OrbaxReader(Reader):
 
   Args:
     path: The path the donor was opened with.
-    form: What was found there.
+    form: What was found there; ``nnx_donor.FORM`` for an ``nnx.State``.
     item_dir: The directory of the PyTree item (``_METADATA`` and data).
     tree: Its orbax tree metadata (``metadata(item_dir).item_metadata``).
     step_dir: The checkpoint step directory, named in errors.
@@ -220,6 +220,7 @@ class OrbaxReader(Reader):
       raise DonorError(
           f'Donor {path!r}: the orbax item {item_dir} lists no tensors in its '
           'metadata; expected a checkpoint of arrays (a TrainState or params).')
+    form = nnx_donor.FORM if nnx_donor.is_nnx_state(structure) else form
     super().__init__(path, form, step, item, metadata or {}, structure)
     self._item_dir, self._step_dir = item_dir, step_dir
 

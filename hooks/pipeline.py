@@ -20,8 +20,10 @@ import numpy as np
 from hooks import api
 from hooks import copy_plan
 from hooks import flat as flat_lib
+from hooks import nnx_donor
 from hooks import nnx_state
 from hooks import report as report_lib
+from hooks import select
 from hooks import validation
 from hooks.runner import Entry
 from hooks.runner import is_abstract
@@ -130,10 +132,22 @@ def apply(
   return flat_lib.unflatten(result, state), report
 
 
-def _nnx_fresh(fresh: Callable[[], Any] | None) -> Callable[[], Flat] | None:
+def _nnx_fresh(fresh: Callable[[], Any] | None, like: Any
+               ) -> Callable[[], Flat] | None:
+  """``fresh`` as a flat view; it must give what ``like`` is."""
   if fresh is None:
     return None
-  return lambda: nnx_state.flatten(fresh())
+
+  def flat() -> Flat:
+    state = fresh()
+    if isinstance(state, tuple) != isinstance(like, tuple):
+      what = {True: '(model, optimizer)', False: 'a model alone'}
+      raise ValueError(
+          f'fresh() returned {what[isinstance(state, tuple)]}, but the state '
+          f'is {what[isinstance(like, tuple)]}: return the same kind.')
+    return nnx_state.flatten(state)
+
+  return flat
 
 
 def _apply_nnx(state: State, entries: Sequence[Entry], *, rng: jax.Array,
@@ -147,7 +161,7 @@ def _apply_nnx(state: State, entries: Sequence[Entry], *, rng: jax.Array,
     flat = nnx_state.flatten(state)
   result, report = run_flat(
       flat, entries, expected=validation.expected_structure(flat), rng=rng,
-      fresh=_nnx_fresh(fresh), sources=sources, validate_each=True)
+      fresh=_nnx_fresh(fresh, state), sources=sources, validate_each=True)
   if not abstract:
     result = _place(result, flat)
   return nnx_state.write(state, result), report
@@ -236,12 +250,15 @@ def restore(
     reader = sources.open(checkpoint)
   else:
     reader = checkpoint
+  opened = reader
   nnx_target = nnx_state.is_nnx(target)
   if nnx_target and dry_run:
     target = nnx_state.abstract(target)
   target_flat = nnx_state.flat_like(target)
+  if reader.form == nnx_donor.FORM:  # No collections stored: the target's.
+    reader = nnx_donor.view(reader, select.nnx_reads(target_flat))
   if nnx_target:
-    fresh = _nnx_fresh(fresh)
+    fresh = _nnx_fresh(fresh, target)
   structure = reader.structure()
   flat = dict(structure) if dry_run else reader.read(list(structure))
   flat = _step_as(flat, target_flat)
@@ -255,7 +272,7 @@ def restore(
               for k, v in result.items()}
   else:
     result = _place(result, target_flat, default=True)
-  if reader not in sources.readers():
+  if opened not in sources.readers():
     report.add_source(reader.provenance())
   logging.info('Restored %s through %d hooks.', reader.path, len(entries))
   if nnx_target:

@@ -23,7 +23,7 @@ import numpy as np
 from hooks import flat as flat_lib
 
 __all__ = ['DonorError', 'DonorReader', 'MsgpackReader', 'Reader', 'canonical',
-           'damaged']
+           'check_keys', 'damaged']
 
 
 class DonorError(ValueError):
@@ -73,9 +73,10 @@ def _hash_leaf(key: str, value: np.ndarray) -> str:
   return f'{key}\0{value.dtype.name}\0{value.shape}\0{data}\n'
 
 
-def _check_keys(
+def check_keys(
     path: str, keys: Sequence[str], known: Mapping[str, Any]
 ) -> list[str]:
+  """``keys`` without repeats; raises DonorError (did-you-mean) for unknown."""
   if isinstance(keys, str):
     raise DonorError(f'read() takes a list of keys, got the string {keys!r}.')
   keys = list(dict.fromkeys(keys))
@@ -124,7 +125,7 @@ class Reader:
       DonorError: If a key is not in the checkpoint, or its data cannot be
         read (a damaged checkpoint).
     """
-    keys = _check_keys(self.path, keys, self._structure)
+    keys = check_keys(self.path, keys, self._structure)
     if not keys:
       return {}
     raw = self._read(keys)
@@ -154,7 +155,8 @@ class Reader:
   def provenance(self) -> dict[str, Any]:
     """Returns ``{'path', 'form', 'step', 'item', 'sha256', 'keys_read'}``."""
     return {'path': self.path, 'form': self.form, 'step': self.step,
-            'item': self.item, 'sha256': self.digest(),
+            'item': self.item,
+            'sha256': self.digest() if self._hashed else None,  # None: no read.
             'keys_read': sorted(self._hashed)}
 
   def __repr__(self) -> str:
@@ -168,6 +170,16 @@ def _is_flax_optim(tree: Mapping[str, Any]) -> bool:
           and 'param_states' in state)
 
 
+def _stored_step(tree: Mapping[str, Any]) -> int | None:
+  """The integer step a legacy flax.optim file holds (``state/step``)."""
+  if not _is_flax_optim(tree):
+    return None
+  value = np.asarray(tree['state'].get('step'))
+  if value.ndim or value.dtype.kind not in 'iu':
+    return None
+  return int(value)
+
+
 class MsgpackReader(Reader):
   """A flax msgpack file, decoded whole with ``msgpack_restore`` (no pickle).
 
@@ -178,7 +190,8 @@ class MsgpackReader(Reader):
   Args:
     path: The path the donor was opened with.
     file: The msgpack file.
-    step: The checkpoint step its name gives (``checkpoint_7``), or None.
+    step: The checkpoint step its name gives (``checkpoint_7``), or None:
+      then a legacy ``flax.optim`` file's ``state/step``.
   """
 
   def __init__(self, path: str, file: str, step: int | None = None) -> None:
@@ -213,6 +226,8 @@ class MsgpackReader(Reader):
           f'Donor {path!r}: the file {file} holds no arrays; expected the '
           'msgpack of a TrainState, its params or a flax.optim optimizer.')
     form = 'flax-optim-msgpack' if _is_flax_optim(tree) else 'flax-msgpack'
+    if step is None:  # The file's name gives none: a flax.optim file's own.
+      step = _stored_step(tree)
     structure = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                  for k, v in self._flat.items()}
     super().__init__(path, form, step, None, {}, structure)

@@ -3,7 +3,8 @@
 A ``Report`` is the return value of ``hooks.apply`` and ``hooks.restore``:
 per param and optimizer slot, what happened to it (copied, resized,
 reinitialized, ...), and per donor that was opened, where it was and a hash
-of exactly what was read from it.
+of exactly what was read from it. An application may add notes, lines that
+say what only it knows (e.g. what a head's labels mean).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Report:
     self._actions: dict[str, list[Action]] = {}
     self._shapes: dict[str, tuple[int, ...]] = {}
     self._sources: list[dict[str, Any]] = []
+    self._notes: list[str] = []
 
   def record(
       self,
@@ -146,6 +148,15 @@ class Report:
     """Provenance of every donor opened: path, form, step, item, sha256."""
     return [dict(s) for s in self._sources]
 
+  def note(self, text: str) -> None:
+    """Adds a line for the end of the table and to the JSON's ``notes``."""
+    self._notes.append(str(text))
+
+  @property
+  def notes(self) -> list[str]:
+    """The lines added with ``note``, in order."""
+    return list(self._notes)
+
   def merge(self, other: Report, *, hook: str | None = None) -> None:
     """Appends ``other``'s actions (tagged with the hook's name) and sources."""
     for key, actions in other._actions.items():  # pylint: disable=protected-access
@@ -154,6 +165,7 @@ class Report:
       self._actions.setdefault(key, []).extend(actions)
     self._shapes.update(other._shapes)  # pylint: disable=protected-access
     self._sources.extend(other._sources)  # pylint: disable=protected-access
+    self._notes.extend(other._notes)  # pylint: disable=protected-access
 
   def finalize(self, flat: Mapping[str, Any]) -> None:
     """Takes shapes from the result and marks untouched params and slots.
@@ -185,8 +197,34 @@ class Report:
     )
     return {a: counts[a] for a in ACTIONS if counts[a]}
 
+  def changed(self) -> bool:
+    """Whether any key has an action other than ``'unchanged'``."""
+    return any(a.action != 'unchanged'
+               for actions in self._actions.values() for a in actions)
+
   def table(self) -> str:
-    """Returns an aligned table (key, shape, action), totals and sources."""
+    """Returns an aligned table (key, shape, action), totals, sources, notes.
+
+    When nothing changed, one line says so instead of the table and totals.
+    """
+    if self.changed():
+      lines = self._rows()
+    else:
+      lines = [f'nothing changed: all {len(self._actions)} params and '
+               'optimizer slots unchanged']
+    for source in self._sources:
+      step = source.get('step')
+      lines.append(
+          f'source: {source.get("path")} ({source.get("form")}'
+          + (f', step {step}' if step is not None else '')
+          # A plan reads nothing: no hash of it to show.
+          + (f'), sha256 {source.get("sha256")}'
+             if source.get('keys_read', True) else '), nothing read')
+      )
+    lines.extend(self._notes)
+    return '\n'.join(lines)
+
+  def _rows(self) -> list[str]:
     rows = [('key', 'shape', 'action')]
     for key in self.keys():
       shape = str(self._shapes[key]) if key in self._shapes else '-'
@@ -199,14 +237,7 @@ class Report:
     ]
     totals = ', '.join(f'{a}: {n}' for a, n in self.totals().items())
     lines.append(f'totals: {totals or "none"}')
-    for source in self._sources:
-      step = source.get('step')
-      lines.append(
-          f'source: {source.get("path")} ({source.get("form")}'
-          + (f', step {step}' if step is not None else '')
-          + f'), sha256 {source.get("sha256")}'
-      )
-    return '\n'.join(lines)
+    return lines
 
   def to_json(self) -> dict[str, Any]:
     """Returns a JSON-serializable dict, e.g. for ``surgery_report.json``."""
@@ -220,4 +251,5 @@ class Report:
         },
         'totals': self.totals(),
         'sources': self.sources,
+        'notes': self.notes,
     }

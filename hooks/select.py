@@ -18,9 +18,11 @@ from typing import Any
 
 from hooks import api
 from hooks import labels as labels_lib
+from hooks import nnx_donor
 from hooks import validation
 
 __all__ = ['Options', 'check_donor', 'choice', 'donor_keys', 'donor_prefix',
+           'nnx_reads',
            'model_keys', 'open_source', 'options', 'split']
 
 SHAPE_POLICIES = ('error', 'skip', 'overlap')
@@ -35,11 +37,47 @@ def choice(hook: str, name: str, value: Any, allowed: Sequence[str]) -> str:
 
 
 def open_source(ctx: api.Context, donor: str, item: str | None,
-                donor_step: int | None) -> api.DonorReader:
-  """The run's reader of ``donor`` (opened once per run by ``ctx.source``)."""
+                donor_step: int | None, opts: Options | None = None
+                ) -> api.DonorReader:
+  """The run's reader of ``donor`` (opened once per run by ``ctx.source``).
+
+  An ``nnx.state`` checkpoint (``nnx_donor.FORM``) stores no collections: it
+  is read under the names of the target keys (``ctx.expected``) that read
+  its variables, through ``opts``'s selection and rename rules (default:
+  every model variable, by its own path); see ``hooks.nnx_donor``.
+
+  Raises:
+    DonorError: If the donor cannot be read, or the target reads one NNX
+      variable into two collections.
+  """
   kwargs = {k: v for k, v in (('item', item), ('step', donor_step))
             if v is not None}
-  return ctx.source(donor, **kwargs)
+  reader = ctx.source(donor, **kwargs)
+  if reader.form != nnx_donor.FORM:
+    return reader
+  return nnx_donor.view(reader, nnx_reads(ctx.expected, opts))
+
+
+def nnx_reads(expected: Mapping[str, Any], opts: Options | None = None
+              ) -> dict[str, list[str]]:
+  """Which target keys read each path of an ``nnx.state`` donor.
+
+  Args:
+    expected: The target's flat keys (to shapes).
+    opts: A hook's selection and rename rules; default every model variable
+      by its own path.
+
+  Returns:
+    Donor path (no collection) -> the target keys that read it.
+  """
+  keys = _select(expected, opts)[0] if opts else model_keys(expected)
+  reads: dict[str, list[str]] = {}
+  for key in keys:
+    path = split(key)[1]
+    if opts:
+      path = _donor_path(path, opts, [False] * len(opts.rules))[0]
+    reads.setdefault(path, []).append(key)
+  return reads
 
 
 def check_donor(hook: str, donor: Any, item: Any, donor_step: Any) -> str:

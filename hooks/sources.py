@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from hooks import donors
 from hooks.readers import DonorReader

@@ -77,7 +77,7 @@ def warm_start(
   select.choice('warm_start', 'step', step, _STEP)
 
   def hook_fn(flat: dict, ctx: api.Context) -> dict:
-    reader = select.open_source(ctx, donor, item, donor_step)
+    reader = select.open_source(ctx, donor, item, donor_step, opts)
     structure = reader.structure()
     plan = copy_plan.plan_variables(flat, structure, opts)
     if opt_state == 'donor':

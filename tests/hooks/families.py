@@ -12,6 +12,9 @@ model and are cached, optimizers are shared objects (``optimizer(name)``), so
   (``MultiHeadDotProductAttention_0``), ``LayerNorm_0/1``, an MLP
   (``Dense_0/1``) and ``head`` over ``outputs`` (classes or the vocabulary).
 - ``mlp``: three Dense layers with Flax's default names ``Dense_0..2``.
+
+``tests.hooks.nnx_families`` has the first three in NNX (``api='nnx'``),
+under the same flat names.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from flax import nnx
 from flax.training import train_state
 
 from hooks import flat as flat_lib
+from hooks import nnx_state
 from hooks import optim
 from tests.hooks import helpers
 from tests.hooks import models
@@ -159,6 +164,8 @@ class Family:
     inputs: ``inputs(key, **sizes)`` -> a batch of model inputs.
     head: The classifier layer's path.
     layers: Every param layer path, in model order.
+    api: ``'linen'`` (a ``TrainState``) or ``'nnx'`` (``(model,
+      nnx.Optimizer)``, edited in place by hooks).
   """
 
   name: str
@@ -166,6 +173,12 @@ class Family:
   inputs: Callable[..., jax.Array]
   head: str
   layers: tuple[str, ...]
+  api: str = 'linen'
+
+  @property
+  def id(self) -> str:
+    """``name``, prefixed by the API unless Linen (for test ids)."""
+    return self.name if self.api == 'linen' else f'{self.api}_{self.name}'
 
   def batch(self, seed: int = 0, outputs: int = 5, **sizes: Any
             ) -> tuple[jax.Array, jax.Array]:
@@ -187,6 +200,15 @@ class Family:
     ``step``.
     """
     return perturbed(self.state(opt, seed, **sizes), seed, step)
+
+  def abstract(self, opt: str, **sizes: Any) -> Any:
+    """The state's shapes and dtypes, computing no value.
+
+    NNX as its users do it: ``nnx.eval_shape`` over the constructor.
+    """
+    if self.api == 'nnx':
+      return nnx.eval_shape(lambda: self.state(opt, **sizes))
+    return abstract(self.state(opt, **sizes))
 
 
 CNN = Family('cnn', cnn_state,
@@ -234,7 +256,10 @@ def train_step(state: Any, inputs: jax.Array, labels: jax.Array) -> Any:
 
 
 def perturbed(state: Any, seed: int, step: int) -> Any:
-  """``state`` with random floats (``nu`` >= 0) and integers set to ``step``."""
+  """``state`` with random floats (``nu`` >= 0) and integers set to ``step``.
+
+  An NNX state is copied first (``state`` keeps its values).
+  """
   rng = np.random.default_rng(seed)
 
   def leaf(key: str, x: Any) -> np.ndarray:
@@ -244,8 +269,19 @@ def perturbed(state: Any, seed: int, step: int) -> Any:
     value = rng.standard_normal(np.shape(x)).astype(dtype)
     return np.abs(value) if '/nu/' in key else value
 
-  flat = {k: leaf(k, v) for k, v in flat_lib.flatten(state).items()}
+  flat = {k: leaf(k, v) for k, v in nnx_state.flat_like(state).items()}
+  if nnx_state.is_nnx(state):
+    return nnx_state.write(copy(state), jax.device_put(flat))
   return jax.device_put(flat_lib.unflatten(flat, state))
+
+
+def copy(state: Any) -> Any:
+  """A state a run may edit: NNX objects cloned (arrays shared), else itself.
+
+  ``hooks.apply`` updates an NNX model and optimizer in place; a Linen
+  ``TrainState`` is immutable.
+  """
+  return nnx.clone(state) if nnx_state.is_nnx(state) else state
 
 
 def abstract(tree: Any) -> Any:

@@ -1,12 +1,16 @@
 """One test over every registered hook: the hook contract.
 
 Every registered hook runs over three model families (the seed CNN, a
-BatchNorm net with a ``head``, a small Transformer), with Adam
-(``hooks.optim``, per-element counts) and SGD-momentum states, concretely, as
-a dry run and over an abstract state. Each family has an example per hook in
-``examples`` (the coverage test fails for a hook without one). Hooks that
-edit a live state go through ``hooks.apply`` (a donor, when they need one,
-is an orbax ``StandardCheckpointer`` directory); hooks that read another
+BatchNorm net with a ``head``, a small Transformer), each written in Linen
+(a ``TrainState``) and in NNX (``(model, nnx.Optimizer)`` under the same
+flat names, ``tests.hooks.nnx_families``), with Adam (``hooks.optim``,
+per-element counts) and SGD-momentum states, concretely, as a dry run and
+over an abstract state (``nnx.eval_shape`` for NNX). Each family has an
+example per hook in ``examples``, shared by both APIs (the coverage test
+fails for a hook without one). Hooks that edit a live state go through
+``hooks.apply`` (a donor, when they need one, is an orbax
+``StandardCheckpointer`` directory: a Linen ``TrainState``, or the nested
+flat view of an NNX state, see ``DONOR_API``); hooks that read another
 layout (a legacy ``flax.optim`` checkpoint, renamed layers, a head or
 vocabulary with other labels) go through ``hooks.restore`` from an in-memory
 ``hooks.DonorReader`` that records its reads.
@@ -29,15 +33,22 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 
 import hooks
 from hooks import flat as flat_lib
+from hooks import nnx_state
 from hooks import validation
 from tests.hooks import families
 from tests.hooks import helpers
+from tests.hooks import nnx_families
 
 DONOR = '<donor checkpoint>'  # Replaced by the family's donor path.
-FAMILIES = (families.CNN, families.BN, families.TRANSFORMER)
+FAMILIES = {f.id: f for f in (families.CNN, families.BN, families.TRANSFORMER,
+                              *nnx_families.FAMILIES.values())}
+# The API that wrote the donor of each NNX family: NNX donors are saved as
+# their flat view nested by '/', Linen donors as the TrainState.
+DONOR_API = {'cnn': 'nnx', 'bn': 'linen', 'transformer': 'nnx'}
 MODES = ('concrete', 'dry_run', 'abstract')
 TOKENS = [f'tok{i}' for i in range(50)]  # The Transformer's vocabulary.
 
@@ -259,10 +270,42 @@ class SpySources(hooks.Sources):
 
 @functools.lru_cache(maxsize=None)
 def _states(family: str, opt: str) -> tuple[Any, Any, Any]:
-  """(the state surgery starts from, a fresh state, the donor state)."""
-  fam = families.FAMILIES[family]
+  """(the state surgery starts from, a fresh state, the donor state).
+
+  NNX states are edited in place: runs take ``families.copy`` of them.
+  """
+  fam = FAMILIES[family]
+  donor = fam
+  if fam.api == 'nnx' and DONOR_API[fam.name] == 'linen':
+    donor = families.FAMILIES[fam.name]
   return (fam.used(opt, seed=0, step=3), fam.state(opt, seed=1),
-          fam.used(opt, seed=2, step=7))
+          donor.used(opt, seed=2, step=7))
+
+
+@functools.lru_cache(maxsize=None)
+def _flats(family: str, opt: str) -> tuple[dict[str, Any], ...]:
+  """The flat views of ``_states(family, opt)`` (read only)."""
+  return tuple(nnx_state.flat_like(s) for s in _states(family, opt))
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(family: str, opt: str) -> Any:
+  """The abstract state (the contract checks that runs leave it alone)."""
+  return FAMILIES[family].abstract(opt)
+
+
+def _saveable(state: Any) -> Any:
+  """What a user hands orbax: a TrainState, or an NNX state's nested view."""
+  if nnx_state.is_nnx(state):
+    return traverse_util.unflatten_dict(nnx_state.flatten(state), sep='/')
+  return state
+
+
+def _kind(state: Any) -> Any:
+  """The state's type (of the model and optimizer, for NNX)."""
+  if nnx_state.is_nnx(state):
+    return tuple(type(part) for part in state)
+  return type(state)
 
 
 @pytest.fixture(scope='module')
@@ -274,7 +317,7 @@ def donors(tmp_path_factory):
     if (family, opt) not in paths:
       path = tmp_path_factory.mktemp(f'{family}_{opt}') / 'donor'
       checkpointer = ocp.StandardCheckpointer()
-      checkpointer.save(path, _states(family, opt)[2])
+      checkpointer.save(path, _saveable(_states(family, opt)[2]))
       checkpointer.wait_until_finished()
       paths[family, opt] = str(path)
     return paths[family, opt]
@@ -376,10 +419,12 @@ def _check_slots(out: Mapping[str, Any], expected: Mapping[str, Any]
 @pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('name', hooks.names())
 @pytest.mark.parametrize('opt', families.OPTIMIZERS)
-@pytest.mark.parametrize('family', [f.name for f in FAMILIES])
+@pytest.mark.parametrize('family', list(FAMILIES))
 def test_hook_contract(family, opt, name, mode, donors):
-  example = EXAMPLES[family][name]
-  used, fresh_state, donor_state = _states(family, opt)
+  fam = FAMILIES[family]
+  example = EXAMPLES[fam.name][name]
+  used, fresh_state, _ = _states(family, opt)
+  used_flat, fresh, donor = _flats(family, opt)
   restoring = example.checkpoint is not None
   sources = SpySources()
   params = {k: donors(family, opt) if v == DONOR else v
@@ -395,27 +440,34 @@ def test_hook_contract(family, opt, name, mode, donors):
     inputs.append(flat)
     return out
 
-  start = fresh_state if restoring else used
+  flat_like = nnx_state.flat_like
   if mode == 'abstract':
-    start = families.abstract(start)
-  expected = validation.expected_structure(flat_lib.flatten(fresh_state))
+    start = _abstract(family, opt)
+  else:
+    start = families.copy(fresh_state if restoring else used)
+  expected = validation.expected_structure(fresh)
+  before = flat_like(start)
   if restoring:
-    reader = helpers.MemoryReader(example.checkpoint(flat_lib.flatten(used)))
+    reader = helpers.MemoryReader(example.checkpoint(used_flat))
     state, report = hooks.restore(
         reader, start, [hook], rng=jax.random.key(0),
         fresh=lambda: fresh_state, sources=sources, dry_run=mode != 'concrete')
     inp = reader.pristine
   else:
-    before = flat_lib.flatten(start)
     state, report = hooks.apply(
         start, [hook], rng=jax.random.key(0), fresh=lambda: fresh_state,
         sources=sources, dry_run=mode == 'dry_run')
-    inp = flat_lib.flatten(used)
-    after = flat_lib.flatten(start)
+    inp = before
+  if fam.api == 'nnx' and mode == 'concrete':  # Updated in place.
+    assert all(a is b for a, b in zip(state, start))
+  else:  # The start state is left alone.
+    after = flat_like(start)
     assert all(after[k] is before[k] for k in before)
+    if fam.api == 'nnx':
+      assert not any(a is b for a, b in zip(state, start))
 
-  assert type(state) is type(fresh_state)
-  out = flat_lib.flatten(state)
+  assert _kind(state) == _kind(fresh_state)
+  out = flat_like(state)
   validation.check_structure(out, expected)
   abstract = mode != 'concrete'
   assert all(isinstance(v, jax.ShapeDtypeStruct) == abstract
@@ -451,8 +503,6 @@ def test_hook_contract(family, opt, name, mode, donors):
         assert out[key] is inputs[0][key], f'{name!r} changed {key!r}.'
     return
 
-  donor = flat_lib.flatten(donor_state)
-  fresh = flat_lib.flatten(fresh_state)
   _check_values(out, inp, donor, fresh, report, example,
                 same_objects=not restoring)
   if restoring:
