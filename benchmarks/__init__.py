@@ -14,7 +14,8 @@ from typing import Any
 
 from benchmarks import common
 
-ALL = ('step', 'loop', 'freeze', 'surgery', 'donor', 'cold_start', 'guard')
+ALL = ('step', 'loop', 'freeze', 'surgery', 'donor', 'cold_start', 'guard',
+       'nnx_step')
 BEFORE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'before.json')
 

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Model.
   config.model = ml_collections.ConfigDict()
   config.model.name = 'cnn'  # A name from trainer.models.MODELS.
+  config.model.api = 'linen'  # 'linen' | 'nnx': the Flax API of the model.
   # Output classes; derived from `classes` when unset, an error if it differs.
   config.model.num_classes = config_dict.placeholder(int)
 
@@ -64,9 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ''
   config.hooks = ml_collections.ConfigDict()
   # Run on a fresh state before step 0: entries {'name': ..., **params}.
-  config.hooks.post_init = []
+  # Type object: --config.hooks.post_init="[{'name': ...}]" (a Python literal).
+  config.hooks.post_init = config_dict.FieldReference([], field_type=object)
   # Run on init_from's checkpoint before it is restored into this run's state.
-  config.hooks.pre_restore = []
+  config.hooks.pre_restore = config_dict.FieldReference([], field_type=object)
   config.freeze = ml_collections.ConfigDict()
   # Regexes over param paths (e.g. 'Conv_.*') frozen from step 0.
   config.freeze.patterns = ()

@@ -12,7 +12,6 @@ import sys
 from typing import Sequence
 
 from absl import flags
-from absl import logging
 
 from trainer import cli
 from trainer import distributed
@@ -43,7 +42,6 @@ def main(argv: Sequence[str]) -> int:
                            values.process_id)
     summary = train.train_and_evaluate(values.config, values.workdir)
   except TrainerError as e:
-    logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 1
   print(f"final eval accuracy {summary['final_eval_accuracy']:.4f} "

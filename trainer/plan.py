@@ -3,7 +3,8 @@
 Builds the state abstractly (jax.eval_shape; donor metadata only), runs the
 hooks a fresh start would run on it abstractly, and prints the table the
 surgery report would hold. It allocates no parameter memory and writes
-nothing.
+nothing. It takes the flags `python -m trainer` takes, hook entries included
+(--hook, --config.hooks.PHASE=[...]; docs/config.md).
 """
 
 from __future__ import annotations
@@ -44,9 +45,7 @@ def main(argv: Sequence[str]) -> int:
   except TrainerError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  print(f'plan: start from {origin}; {len(values.config.hooks.pre_restore)} '
-        f'pre_restore and {len(values.config.hooks.post_init)} post_init '
-        'hooks; nothing is written.')
+  print(f'plan: start from {origin}; nothing is written.')
   for start, patterns in setup.freeze.phases:
     print(f'freeze from step {start}: {list(patterns) or "nothing"}')
   print(report.table())

@@ -21,6 +21,11 @@ MUTABLE_FIELDS = frozenset({
 })
 
 
+# Fields added after checkpoints were written without them, and the value
+# such a checkpoint was trained with.
+ADDED_FIELDS = {'model.api': 'linen'}
+
+
 def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as plain JSON data (tuples become lists), as it is stored."""
   return json.loads(config.to_json())
@@ -38,7 +43,7 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
 def diff(stored: dict[str, Any],
          current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
   """Fields whose values differ, as (dotted field, stored, current), sorted."""
-  old, new = _flatten(stored), _flatten(current)
+  old, new = {**ADDED_FIELDS, **_flatten(stored)}, _flatten(current)
   missing = '<absent>'
   return sorted((key, old.get(key, missing), new.get(key, missing))
                 for key in set(old) | set(new)

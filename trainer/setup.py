@@ -5,6 +5,24 @@ phases and the freeze schedule, and loads the data (the hooks themselves are
 built once, by `surgery.prepare`, before anything is written); it writes nothing, so every bad
 input fails here. The state helpers build the TrainState of a run for the
 freeze phase of a given step, concretely or abstractly (no memory).
+
+A run's state is a flax `TrainState` whichever API the model is written in
+(config.model.api): `step` (int32), `params` (nested dicts under the Linen
+names) and `opt_state`, with the model's `apply` (`models.Model`) as
+`apply_fn`. For an NNX model `apply_fn` merges the model's graph with the
+params inside the jitted step (`models.NnxApply`). So the flat keys, the
+checkpoints, the freeze schedule and the hooks are the same for both APIs,
+and an NNX run's checkpoint is a donor for a Linen run and the other way
+round. The keys are those `hooks.nnx_state.flatten((model, optimizer))`
+gives for `nnx.Optimizer(model, tx, wrt=nnx.Param)`. Two choices differ
+from an `nnx.Optimizer`: the step stays int32 (an `nnx.Optimizer`'s is
+uint32), one dtype for both APIs, so either run's checkpoint restores into
+the other's state as it is (hooks that copy a step into an `nnx.Optimizer`
+carry its value); and config.freeze freezes through the optimizer
+(`hooks.freeze`'s partition) for both APIs, so a frozen run's slots are
+those of `nnx.Optimizer(wrt=hooks.nnx_state.freeze_filter(...))` one level
+down (`opt_state/inner_states/trainable/inner_state/...`), as in a Linen
+run; hooks match slots by param path either way.
 """
 
 from __future__ import annotations
@@ -14,7 +32,6 @@ import functools
 from typing import Any
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 import ml_collections
@@ -44,15 +61,14 @@ class Setup:
   topology: distributed.Topology
   data: data_lib.Data | None
   num_train_steps: int
-  model: flax.linen.Module
+  model: models.Model  # Pure init and apply, for either Flax API.
   tx: optax.GradientTransformation  # Before freezing.
   freeze: hooks.FreezeSchedule
   latest_step: int | None  # The step to resume (config.resume_step or latest).
 
   @functools.cached_property
   def abstract_params(self) -> Any:
-    return jax.eval_shape(functools.partial(models.init_params, self.model),
-                          jax.random.key(self.config.seed))
+    return jax.eval_shape(self.model.init, jax.random.key(self.config.seed))
 
   @functools.cached_property
   def _phase_txs(self) -> dict[int, optax.GradientTransformation]:
@@ -177,7 +193,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
           f'config.batch_size={config.batch_size} is larger than the train '
           f'split ({data.train.size} examples); use a smaller batch.')
   steps_total = num_train_steps(config, data.train.size if data else 0)
-  model = models.create(config.model.name, validation.num_classes(config))
+  model = models.build(config.model.name, validation.num_classes(config),
+                       config.model.api)
   setup = Setup(config=config, workdir=workdir, topology=topology, data=data,
                 num_train_steps=steps_total, model=model,
                 tx=optimizers.create(config.optimizer, steps_total),
@@ -189,10 +206,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   return setup
 
 
-def _init_state(model: flax.linen.Module, tx: optax.GradientTransformation,
+def _init_state(model: models.Model, tx: optax.GradientTransformation,
                 rng: jax.Array) -> TrainState:
-  return TrainState.create(apply_fn=model.apply,
-                           params=models.init_params(model, rng), tx=tx)
+  return TrainState.create(apply_fn=model.apply, params=model.init(rng), tx=tx)
 
 
 def abstract_state(setup: Setup, step: int = 0) -> TrainState:

@@ -1,4 +1,13 @@
-"""Pure train and eval steps. The caller jits them (state donated)."""
+"""Pure train and eval steps. The caller jits them (state donated).
+
+One step for both Flax APIs: the state is a flax `TrainState` whose
+`apply_fn` is a Linen module's `apply`, or for an NNX model
+`models.NnxApply`, which merges the model's graph with the params inside the
+trace (functional NNX). Under `jax.jit` both cost the same per call: the
+CNN's two forms lower to the same program (tests/trainer/test_nnx.py,
+benchmarks/nnx_step.py). `nnx.jit`, which splits and merges the model and
+optimizer on the host at every call, is not used.
+"""
 
 
 from typing import Any

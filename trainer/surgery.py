@@ -5,8 +5,9 @@ A fresh workdir starts from `config.init_from` through the pre_restore hooks
 (`hooks.apply`). `trainer.plan` runs the same calls with `dry_run=True`. The
 trainer adds what only it knows to the entries: its model's head layer and
 the digit labels of its classes and of a donor run's (from the donor's
-`meta` item), so a donor on digits 0-4 fills columns 0-4 of a ten-digit head.
-The step-0 checkpoint records what ran; a resume never runs hooks again.
+`meta` item), so a donor on digits 0-4 fills columns 0-4 of a ten-digit head;
+the report then notes which digit went to which column. The step-0
+checkpoint records what ran; a resume never runs hooks again.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import dataclasses
 import os
 from typing import Any
 
-from absl import logging
 import jax
 
 import hooks
+from hooks import pairing
 from trainer import models
 from trainer import setup as setup_lib
 from trainer import workdir as workdir_lib
@@ -72,6 +73,20 @@ def _head_labels(spec: dict[str, Any], head: str, donor: list[int] | None,
   return spec
 
 
+def _copies_head(entry: dict[str, Any], head: str, setup: Any) -> bool:
+  """Whether a donor hook's include/exclude select a variable of the head."""
+  paths = [k for k in hooks.flatten(setup.abstract_params)
+           if k.startswith(f'{head}/')]
+  try:
+    chosen = hooks.match_keys(list(entry.get('include', ('.*',))), paths,
+                              allow_empty=True)
+    dropped = hooks.match_keys(list(entry.get('exclude', ())), paths,
+                               allow_empty=True)
+  except (ValueError, TypeError):
+    return True  # The hook's own checks say what is wrong.
+  return bool(set(chosen) - set(dropped))
+
+
 def _complete(entry: dict[str, Any], phase: str, index: int, setup: Any,
               sources: hooks.Sources,
               init_from: hooks.DonorReader | None) -> dict[str, Any]:
@@ -88,7 +103,7 @@ def _complete(entry: dict[str, Any], phase: str, index: int, setup: Any,
                    item=entry.get('item'), step=entry.get('donor_step'))
     donor = _classes(reader)
     if 'labels' not in entry:
-      if donor is not None:
+      if donor is not None and _copies_head(entry, head, setup):
         entry['labels'] = [{'layers': head, 'axis': -1, 'donor': donor,
                             'target': target}]
     else:  # The run's own labels for a head spec that leaves them out.
@@ -137,15 +152,91 @@ def prepare(setup: Any) -> Surgery:
   return Surgery(sources, init_from, entries, built)
 
 
-def _report_frozen(setup: Any) -> hooks.HookFn:
-  frozen_patterns = setup.freeze.phase_at(0)
-
+def _report_frozen(frozen_patterns: tuple[str, ...]) -> hooks.HookFn:
   def freeze(flat: dict[str, Any], ctx: hooks.Context) -> dict[str, Any]:
-    if frozen_patterns:
-      for key in hooks.param_keys(flat, frozen_patterns):
-        ctx.report.record(key, 'frozen')
+    for key in hooks.param_keys(flat, frozen_patterns):
+      ctx.report.record(key, 'frozen')
     return flat
   return freeze
+
+
+def _runs(rows: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], ...]]:
+  """Groups rows each of whose entries is one more than the row before's."""
+  runs: list[list[tuple[int, ...]]] = []
+  for row in rows:
+    if runs and all(v == p + 1 for v, p in zip(row, runs[-1][1])):
+      runs[-1][1] = row
+    else:
+      runs.append([row, row])
+  return [tuple(run) for run in runs]
+
+
+def _span(noun: str, first: int, last: int) -> str:
+  return f'{noun} {first}' if first == last else f'{noun}s {first}..{last}'
+
+
+def label_mapping(head: str, source: list[int], target: list[int],
+                  source_name: str) -> str:
+  """Says which digit went to which head column, e.g. for digits 5-9 of ten:
+
+  `'head Dense_1: columns 5..9 <- donor columns 0..4 (digits 5..9); new:
+  columns 0..4 (digits 0..4)'`
+
+  Args:
+    head: the head layer.
+    source: the digit of each column of the checkpoint read.
+    target: the digit of each column of this run's head.
+    source_name: what the checkpoint read is called ('donor', 'init_from').
+
+  Returns:
+    One line: the columns taken (in runs), then new and dropped ones.
+  """
+  t_index, s_index = pairing.pairs(target, source)
+  moved = [f'{_span("column", a[0], b[0])} <- {source_name} '
+           f'{_span("column", a[1], b[1])} ({_span("digit", a[2], b[2])})'
+           for a, b in _runs([(t, s, target[t])
+                              for t, s in zip(t_index, s_index)])]
+  parts = [', '.join(moved) or f'no digit in common with the {source_name}']
+  for what, labels, used, prefix in (('new', target, t_index, ''),
+                                     ('dropped', source, s_index,
+                                      f'{source_name} ')):
+    rows = [(i, label) for i, label in enumerate(labels) if i not in used]
+    if rows:
+      parts.append(f'{what}: {prefix}' + ', '.join(
+          f'{_span("column", a[0], b[0])} ({_span("digit", a[1], b[1])})'
+          for a, b in _runs(rows)))
+  return f'head {head}: ' + '; '.join(parts)
+
+
+def _head_labels_of(entry: dict[str, Any], head: str
+                    ) -> tuple[list[int], list[int], str] | None:
+  """(source digits, target digits, source name) an entry gives the head."""
+  if entry.get('name') == 'resize_head' and entry.get('layer') == head:
+    source, target = entry.get('from_classes'), entry.get('to_classes')
+    return (None if source is None or target is None
+            else (list(source), list(target), 'init_from'))
+  if entry.get('name') in _DONOR_HOOKS:
+    for spec in entry.get('labels') or ():
+      source = spec.get('donor', spec.get('from'))
+      target = spec.get('target', spec.get('to'))
+      if (spec.get('layers') == head and 'map' not in spec
+          and source is not None and target is not None):
+        return list(source), list(target), 'donor'
+  return None
+
+
+def _note_labels(setup: Any, entries: list[dict[str, Any]],
+                 report: hooks.Report) -> None:
+  """Notes the digit of each head column for the hooks that moved them."""
+  head = models.HEADS[setup.config.model.name]
+  touched = {a.hook for key in report.keys()
+             if key.startswith(f'params/{head}/')
+             for a in report.actions(key)}
+  for entry in entries:
+    labels = _head_labels_of(entry, head)
+    if labels is not None and entry['name'] in touched:
+      report.note(f'labels ({entry["name"]}): '
+                  + label_mapping(head, *labels))
 
 
 def _run(setup: Any, surgery: Surgery, *, dry_run: bool
@@ -154,16 +245,19 @@ def _run(setup: Any, surgery: Surgery, *, dry_run: bool
   rng = jax.random.fold_in(jax.random.key(setup.config.seed), 1)
   fresh = lambda: setup_lib.initial_state(setup)
   phase = 'pre_restore' if surgery.init_from is not None else 'post_init'
-  hook_fns = [*surgery.built[phase], _report_frozen(setup)]
+  frozen = tuple(setup.freeze.phase_at(0))
+  hook_fns = [*surgery.built[phase], *([_report_frozen(frozen)] if frozen
+                                       else [])]
   try:
     if surgery.init_from is not None:
-      return hooks.restore(surgery.init_from, setup_lib.abstract_state(setup),
-                           hook_fns, rng=rng, fresh=fresh,
-                           sources=surgery.sources, dry_run=dry_run)
-    state = (setup_lib.abstract_state(setup) if dry_run
-             else setup_lib.initial_state(setup))
-    return hooks.apply(state, hook_fns, rng=rng, fresh=fresh,
-                       sources=surgery.sources, dry_run=dry_run)
+      state, report = hooks.restore(
+          surgery.init_from, setup_lib.abstract_state(setup), hook_fns,
+          rng=rng, fresh=fresh, sources=surgery.sources, dry_run=dry_run)
+    else:
+      state = (setup_lib.abstract_state(setup) if dry_run
+               else setup_lib.initial_state(setup))
+      state, report = hooks.apply(state, hook_fns, rng=rng, fresh=fresh,
+                                  sources=surgery.sources, dry_run=dry_run)
   except hooks.DonorError as e:
     raise CheckpointError(f'{phase} hooks: {e}') from e
   except hooks.HookError as e:
@@ -176,6 +270,8 @@ def _run(setup: Any, surgery: Surgery, *, dry_run: bool
     error = CheckpointError if surgery.init_from is not None else SurgeryError
     raise error(f'{where} do not fit the state this config builds:\n{e}'
                 ) from e
+  _note_labels(setup, surgery.entries[phase], report)
+  return state, report
 
 
 def start(setup: Any) -> tuple[TrainState, dict[str, Any], hooks.Report]:
@@ -202,10 +298,6 @@ def start(setup: Any) -> tuple[TrainState, dict[str, Any], hooks.Report]:
   record['init_from'] = next(
       (s for s in sources if s.get('path') == init_path), None)
   record['donors'] = [s for s in sources if s.get('path') != init_path]
-  if surgery.init_from is not None:
-    logging.info('Started from %s (step %s) through %d pre_restore hooks.',
-                 surgery.init_from.path, record['init_from'].get('step'),
-                 len(surgery.built['pre_restore']))
   return state, record, report
 
 
@@ -216,14 +308,16 @@ def plan(setup: Any) -> tuple[hooks.Report, str]:
     setup: the checked run (prepared without data).
 
   Returns:
-    The report and a one-line description of where the state comes from.
+    The report and where the state comes from, through which hooks (the
+    report names the checkpoints read).
   """
   surgery = prepare(setup)
   _, report = _run(setup, surgery, dry_run=True)
-  if surgery.init_from is not None:
-    step = surgery.init_from.provenance().get('step')
-    return report, f'init_from {surgery.init_from.path} (step {step})'
-  return report, 'a fresh state'
+  phase = 'pre_restore' if surgery.init_from is not None else 'post_init'
+  count = len(surgery.built[phase])
+  start = 'init_from' if surgery.init_from is not None else 'a fresh state'
+  return report, (f'{start} through {count} {phase} '
+                  f'hook{"" if count == 1 else "s"}')
 
 
 def write_report(workdir: str, report: hooks.Report) -> None:

@@ -49,8 +49,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(len(set(classes)) == len(classes), 'classes', classes,
            'each digit may appear once')
   _require(len(classes) >= 2, 'classes', classes, 'name at least two digits')
-  _require(config.model.name in models.MODELS, 'model.name',
-           config.model.name, f'use one of {sorted(models.MODELS)}')
+  _require(config.model.api in models.APIS, 'model.api', config.model.api,
+           f'use one of {list(models.APIS)}')
+  registered = models.NNX_MODELS if config.model.api == 'nnx' else models.MODELS
+  _require(config.model.name in registered, 'model.name', config.model.name,
+           f'use one of {sorted(registered)} (model.api={config.model.api!r})')
   if config.model.num_classes is not None:
     _require(config.model.num_classes == len(classes), 'model.num_classes',
              config.model.num_classes,

@@ -23,6 +23,10 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
   assert main(['trainer', f'--config={TINY}', f'--workdir={workdir}']) == 0
   out = capsys.readouterr().out
   assert 'final eval accuracy' in out
+  # No hooks: one line, not a table of unchanged rows.
+  assert ('nothing changed: all 16 params and optimizer slots unchanged'
+          in out.splitlines())
+  assert 'params/Conv_0/kernel' not in out
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['steps'] == 6 and summary['steps_this_run'] == 6
   assert summary['data_source'] == 'embedded'
@@ -152,5 +156,8 @@ def test_help_exits_0_and_lists_the_flags(module):
                           text=True, check=False, timeout=600)
   assert result.returncode == 0, result.stderr
   assert f'python -m {module}' in result.stdout
-  flag = '--filter' if module == 'trainer.inspect' else '--config'
-  assert flag in result.stdout
+  flags = (['--filter', '--step'] if module == 'trainer.inspect'
+           else ['--config', '--workdir', '--hook'])
+  for flag in flags:
+    assert flag in result.stdout
+  assert 'docs/config.md' in result.stdout

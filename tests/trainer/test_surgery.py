@@ -12,6 +12,7 @@ from tests.trainer import runs
 from trainer import checkpoint
 from trainer import plan
 from trainer import steps
+from trainer import surgery
 from trainer import train
 from trainer.__main__ import main
 from trainer.errors import ConfigError
@@ -163,6 +164,28 @@ def test_freezing_every_param_is_an_error(tiny_config, tmp_path):
   with pytest.raises(ConfigError, match='nothing left to train'):
     train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+LABEL_MAPPINGS = [
+    ((0, 1, 2, 3, 4), tuple(range(10)),
+     'head Dense_1: columns 0..4 <- donor columns 0..4 (digits 0..4); new: '
+     'columns 5..9 (digits 5..9)'),
+    ((5, 6, 7, 8, 9), (7, 1, 9, 8),
+     'head Dense_1: column 0 <- donor column 2 (digit 7), column 2 <- donor '
+     'column 4 (digit 9), column 3 <- donor column 3 (digit 8); new: column 1 '
+     '(digit 1); dropped: donor columns 0..1 (digits 5..6)'),
+    ((1, 2), (3, 4), 'head Dense_1: no digit in common with the donor; new: '
+     'columns 0..1 (digits 3..4); dropped: donor columns 0..1 (digits 1..2)'),
+    ((0, 1), (0, 1, 5, 7, 8), 'head Dense_1: columns 0..1 <- donor columns '
+     '0..1 (digits 0..1); new: column 2 (digit 5), columns 3..4 (digits '
+     '7..8)'),
+]
+
+
+@pytest.mark.parametrize('source,target,text', LABEL_MAPPINGS)
+def test_label_mapping_names_the_digits(source, target, text):
+  assert surgery.label_mapping('Dense_1', list(source), list(target),
+                               'donor') == text
 
 
 def test_hook_index_out_of_range_on_the_command_line(tmp_path, capsys):
