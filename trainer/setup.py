@@ -106,6 +106,14 @@ def _check_hooks(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('config.hooks.pre_restore runs on the checkpoint named '
                       'by config.init_from, which is empty; set '
                       '--config.init_from or move the hooks to post_init.')
+  if config.hooks.post_init and config.init_from:
+    names = [entry.get('name') for entry in hook_entries(config, 'post_init')]
+    raise ConfigError(
+        'config.hooks.post_init runs on a freshly initialised state, but '
+        'config.init_from makes the state from a checkpoint, so these hooks '
+        f'would never run: {names}. '
+        'Move them to config.hooks.pre_restore (they then run on the '
+        'checkpoint before it is restored), or clear config.init_from.')
   for phase in HOOK_PHASES:
     for index, entry in enumerate(hook_entries(config, phase)):
       if not entry.get('name'):

@@ -69,6 +69,10 @@ BAD_INPUTS = [
      r"model.name='resnet'.*\['cnn'\]"),
     ('unknown schedule', ['--config.optimizer.schedule=step'], 1,
      r"optimizer.schedule='step'.*constant"),
+    ('post_init hooks with init_from',
+     ['--config.init_from=/nowhere', "--hook=post_init:reinit:{'patterns': "
+      "['Dense_1/.*']}"], 1,
+     r"post_init .*would never run: \['reinit'\].*pre_restore"),
 ]
 
 
