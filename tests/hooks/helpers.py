@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import linen as nn
 from flax.training import train_state
 
@@ -163,3 +164,21 @@ class MemoryReader:
     return {'path': self.path, 'form': self.form, 'step': self.step,
             'item': self.item, 'sha256': self.digest() if self.reads else None,
             'keys_read': sorted({k for keys in self.reads for k in keys})}
+
+
+def spy_on_orbax_reads(monkeypatch: Any) -> list[str]:
+  """Records the names of the tensors orbax deserializes from now on.
+
+  Names are orbax's dotted ones (``params.head.kernel``,
+  ``Conv_0.kernel.value``); the list grows as reads happen.
+  """
+  seen: list[str] = []
+  for cls in (ocp.type_handlers.NumpyHandler, ocp.type_handlers.ArrayHandler):
+    original = cls.deserialize
+
+    def spy(self, infos, args=None, _original=original):
+      seen.extend(info.name for info in infos)
+      return _original(self, infos, args)
+
+    monkeypatch.setattr(cls, 'deserialize', spy)
+  return seen

@@ -22,6 +22,7 @@ import pytest
 import hooks
 from hooks import flat as flat_lib
 from tests.hooks import checkpoints
+from tests.hooks import helpers
 from tests.hooks import models
 
 # After the damaged-donor reads fail, orbax's background callbacks may reach
@@ -69,16 +70,7 @@ def older():
 @pytest.fixture
 def reads(monkeypatch):
   """Names of the tensors orbax deserializes (``params.head.kernel``)."""
-  seen = []
-  for cls in (ocp.type_handlers.NumpyHandler, ocp.type_handlers.ArrayHandler):
-    original = cls.deserialize
-
-    def spy(self, infos, args=None, _original=original):
-      seen.extend(info.name for info in infos)
-      return _original(self, infos, args)
-
-    monkeypatch.setattr(cls, 'deserialize', spy)
-  return seen
+  return helpers.spy_on_orbax_reads(monkeypatch)
 
 
 def _canonical(flat):

@@ -21,6 +21,7 @@ from flax import traverse_util
 
 import hooks
 from hooks import nnx_state
+from tests.hooks import helpers
 from tests.hooks import models
 from tests.hooks import nnx_families
 
@@ -165,16 +166,7 @@ def test_nnx_model_state_warm_starts_nnx_and_leaves_rng_state_out(tmp_path):
 @pytest.fixture
 def deserialized(monkeypatch):
   """Names of the tensors orbax deserializes (``Conv_0.kernel.value``)."""
-  seen = []
-  for cls in (ocp.type_handlers.NumpyHandler, ocp.type_handlers.ArrayHandler):
-    original = cls.deserialize
-
-    def spy(self, infos, args=None, _original=original):
-      seen.extend(info.name for info in infos)
-      return _original(self, infos, args)
-
-    monkeypatch.setattr(cls, 'deserialize', spy)
-  return seen
+  return helpers.spy_on_orbax_reads(monkeypatch)
 
 
 def test_param_state_reads_only_the_selected_tensors(tmp_path, deserialized):
