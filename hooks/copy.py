@@ -106,7 +106,7 @@ def execute(plan: copy_plan.Plan, flat: dict, ctx: api.Context,
       jax.block_until_ready(placed)
       out.update(placed)
       del values, placed
-  logging.info('%s: copied %d leaves from %s.', hook, len(plan.copies),
+  logging.debug('%s: copied %d leaves from %s.', hook, len(plan.copies),
                reader.path)
   return out
 

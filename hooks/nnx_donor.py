@@ -198,7 +198,7 @@ def view(reader: DonorReader, reads: Mapping[str, Sequence[str]]
       raise DonorError(f'Donor {reader.path!r} ({FORM}): both {names[key]!r} '
                        f'and {short[name]!r} go to the target key {key!r}.')
     names[key] = short[name]
-  logging.info('Donor %s (%s): %d tensors under the target\'s names; %d model '
+  logging.debug('Donor %s (%s): %d tensors under the target\'s names; %d model '
                'variables no target key reads, not copied: %s', reader.path,
                FORM, len(names) - len(not_read), len(not_read), not_read)
   return NnxStateView(reader, names, not_read)

@@ -274,7 +274,7 @@ def restore(
     result = _place(result, target_flat, default=True)
   if opened not in sources.readers():
     report.add_source(reader.provenance())
-  logging.info('Restored %s through %d hooks.', reader.path, len(entries))
+  logging.debug('Restored %s through %d hooks.', reader.path, len(entries))
   if nnx_target:
     return nnx_state.write(target, result), report
   return flat_lib.unflatten(result, target), report

@@ -167,5 +167,5 @@ def run_flat(
   sources = sources or Sources()
   ctx = _context(expected, rng, fresh, sources, is_abstract(flat), checkpoint)
   result = _run(dict(flat), hooks, ctx, validate_each)
-  logging.info('Ran %d hooks: %s.', len(hooks), [name for name, _ in hooks])
+  logging.debug('Ran %d hooks: %s.', len(hooks), [name for name, _ in hooks])
   return result, _finish(ctx, sources)
