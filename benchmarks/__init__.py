@@ -48,7 +48,8 @@ def run_benchmark(name: str, tiny: bool = False,
   for fig in result['figures']:
     if fig['figure'] in before and not tiny:
       fig['before'] = before[fig['figure']]
-  result['environment'] = common.environment()
+  from trainer import host  # pylint: disable=g-import-not-at-top
+  result['environment'] = host.environment()
   result['size'] = 'tiny' if tiny else 'full'
   common.write_result(out_dir, name, result)
   return result

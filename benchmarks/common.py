@@ -1,4 +1,4 @@
-"""What every benchmark shares: timing, the environment, subprocesses, memory.
+"""What every benchmark shares: timing, subprocesses, memory, the results table.
 
 Every figure is a ratio of two things measured side by side, after warm-up,
 as a median over repeats. In one process the two (or three) are interleaved,
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,24 +38,6 @@ class Size:
 
 FULL = Size(tiny=False, rounds=10, steps=10)
 TINY = Size(tiny=True, rounds=1, steps=2)
-
-
-def environment() -> dict[str, Any]:
-  """jax and jaxlib versions, the device and the host, for every result row."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  from trainer import host  # pylint: disable=g-import-not-at-top
-  devices = jax.devices()
-  return {
-      'jax': jax.__version__,
-      'jaxlib': jaxlib.__version__,
-      'device': f'{devices[0].platform} {devices[0].device_kind} '
-                f'x{len(devices)}',
-      'cpu_count': os.cpu_count(),
-      'cpu': host.cpu_model(),
-      'python': platform.python_version(),
-  }
-
 
 
 def median(values: Sequence[float]) -> float:
@@ -224,6 +205,20 @@ def _fmt(value: Any) -> str:
   return str(value)
 
 
+def environment_cells(env: dict[str, Any]) -> tuple[str, str]:
+  """The table's 'jax / jaxlib' and 'device' cells of a result's environment.
+
+  Results are stamped with `trainer.host.environment()`; results written
+  before it (the committed ones among them) carry 'jax', 'jaxlib' and
+  'device' at the top level.
+  """
+  if 'versions' not in env:
+    return f"{env['jax']} / {env['jaxlib']}", env['device']
+  versions = env['versions']
+  return (f"{versions['jax']} / {versions['jaxlib']}",
+          f"{env['jax_backend']} {env['device_kind']} x{env['device_count']}")
+
+
 def write_table(out_dir: str, names: Sequence[str]) -> str:
   """Writes out_dir/README.md: one row per figure of every result there."""
   rows = ['| benchmark | figure | value | goal | met | before | jax / jaxlib '
@@ -237,6 +232,7 @@ def write_table(out_dir: str, names: Sequence[str]) -> str:
     with open(path) as f:
       result = json.load(f)
     env = result['environment']
+    versions, device = environment_cells(env)
     for fig in result['figures']:
       met = {True: 'yes', False: '**no**', None: '-'}[fig['met']]
       before = fig.get('before')
@@ -244,7 +240,7 @@ def write_table(out_dir: str, names: Sequence[str]) -> str:
           f"| {name} | {fig['figure']} | {_fmt(fig['value'])} {fig['unit']} "
           f"| {fig['goal']} | {met} | "
           f"{'-' if before is None else _fmt(before)} | "
-          f"{env['jax']} / {env['jaxlib']} | {env['device']} "
+          f"{versions} | {device} "
           f"({env['cpu_count']} cores) | `{fig['command']}` |")
     if result.get('notes'):
       notes.append(f'- **{name}**: {result["notes"]}')

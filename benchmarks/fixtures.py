@@ -19,11 +19,7 @@ import jax
 import optax
 
 from configs import default
-from trainer import data as data_lib
-from trainer import distributed
-from trainer import setup as setup_lib
-from trainer import steps
-from trainer import train
+from trainer import run as run_lib
 
 
 class SeedCNN(nn.Module):
@@ -101,46 +97,39 @@ def config(**overrides: Any) -> Any:
   return cfg
 
 
-def trainer_setup(cfg: Any) -> setup_lib.Setup:
+def trainer_run(cfg: Any) -> run_lib.Run:
+  """The trainer's `Run` of `cfg`, in a workdir nothing is written to."""
   # prepare() only checks that the workdir could be created; nothing is
   # written there by the in-process benchmarks.
   workdir = os.path.join(tempfile.gettempdir(), 'bench-unused-workdir')
-  return setup_lib.prepare(cfg, workdir)
+  return run_lib.Run.prepare(cfg, workdir)
 
 
-def trainer_state(setup: setup_lib.Setup) -> Any:
+def trainer_state(run: run_lib.Run) -> Any:
   """The state train_and_evaluate starts from (no hooks), in its phase."""
-  return setup_lib.enter_phase(setup, setup_lib.initial_state(setup), 0)
+  return run.enter_phase(run.fresh_state(), 0)
 
 
 class TrainerStep:
-  """The trainer's loop step (`trainer.train.train_functions`), with its carry.
+  """The trainer's loop step (`Run.train_step`), with its carry.
 
-  `trainer.steps.train_step` jitted as the loop jits it: metrics added to
-  running totals in the same program, state and totals donated.
+  `trainer.steps.train_step` as the loop runs it: metrics added to running
+  totals in the same program, state and totals donated.
   """
 
-  def __init__(self, setup: setup_lib.Setup):
-    self.state = trainer_state(setup)
-    if hasattr(train, 'train_functions'):
-      self._fn, self._empty = train.train_functions(setup.topology)
-      self.totals = self._empty()
-    else:  # The trainer before benchmarks/before.json: per-step metrics.
-      jitted = jax.jit(steps.train_step, donate_argnums=(0,),
-                       out_shardings=setup.topology.replicated)
-      self._fn = lambda state, _, batch: jitted(state, batch)
-      self.totals = None
+  def __init__(self, run: run_lib.Run):
+    self._run = run
+    self.state = trainer_state(run)
+    self.totals = run.empty_metrics()
 
   def __call__(self, batch: dict[str, Any]) -> None:
-    self.state, self.totals = self._fn(self.state, self.totals, batch)
+    self.state, self.totals = self._run.train_step(self.state, self.totals,
+                                                   batch)
 
   def block(self) -> None:
     jax.block_until_ready((self.state, self.totals))
 
 
-def device_batches(setup: setup_lib.Setup, count: int) -> list[dict[str, Any]]:
+def device_batches(run: run_lib.Run, count: int) -> list[dict[str, Any]]:
   """The run's first `count` train batches, placed as the trainer places them."""
-  batches = data_lib.train_batches(setup.data.train, setup.config.batch_size,
-                                   setup.config.seed)
-  return [distributed.shard_batch(b, setup.topology.batch)
-          for b in itertools.islice(batches, count)]
+  return list(itertools.islice(run.train_batches(), count))

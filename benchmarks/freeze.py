@@ -24,17 +24,17 @@ BATCHES = 4
 
 def run(size: common.Size) -> dict[str, Any]:
   """Interleaves the three steps; returns the figures."""
-  frozen_setup = fixtures.trainer_setup(fixtures.config(**{
+  frozen_run = fixtures.trainer_run(fixtures.config(**{
       'freeze.patterns': tuple(f'{layer}/.*' for layer in FROZEN)}))
-  full_setup = fixtures.trainer_setup(fixtures.config())
-  batches = fixtures.device_batches(full_setup, BATCHES)
+  full_run = fixtures.trainer_run(fixtures.config())
+  batches = fixtures.device_batches(full_run, BATCHES)
   model = fixtures.SeedCNN()
   params = fixtures.hand_carry(model, fixtures.hand_sgd())[0]
   tx = fixtures.hand_frozen_sgd(params, FROZEN)
   hand = fixtures.hand_step(model, tx)
   carry = fixtures.hand_carry(model, tx)
-  trainer_steps = {'frozen': fixtures.TrainerStep(frozen_setup),
-                   'full': fixtures.TrainerStep(full_setup)}
+  trainer_steps = {'frozen': fixtures.TrainerStep(frozen_run),
+                   'full': fixtures.TrainerStep(full_run)}
   n = size.steps * (3 if not size.tiny else 1)  # Frozen steps are short.
 
   def trainer_unit(which: str) -> Any:

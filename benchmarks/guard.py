@@ -1,10 +1,10 @@
 """`guard`: the train step with the non-finite guard on against off.
 
-Both sides are the trainer's loop step (`trainer.train.train_functions`: metrics
+Both sides are the trainer's loop step (`trainer.run.Run.train_step`: metrics
 summed on device, state donated) on the default CNN and the same
-device-resident batches; on: `check_finite=True` (the loss and the global
-gradient norm are tested every step and the first non-finite step is kept in
-the metric totals, config.stop_on_nonfinite=True); off: `check_finite=False`.
+device-resident batches; on: config.stop_on_nonfinite=True (the loss and the
+global gradient norm are tested every step and the first non-finite step is
+kept in the metric totals); off: config.stop_on_nonfinite=False.
 The loop reads the flag only where it reads metrics anyway, so the per-step
 cost is all there is to measure.
 """
@@ -13,38 +13,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
 from benchmarks import common
 from benchmarks import fixtures
-from trainer import train
 
 NAME = 'guard'
 BATCHES = 4
 
 
-class _Step:
-  """The loop's jitted step with its carry (state and metric totals)."""
-
-  def __init__(self, setup: Any, check_finite: bool):
-    self._fn, empty = train.train_functions(setup.topology, check_finite)
-    self.carry = (fixtures.trainer_state(setup), empty())
-
-  def __call__(self, batch: dict[str, Any]) -> None:
-    self.carry = self._fn(*self.carry, batch)
-
-  def block(self) -> None:
-    jax.block_until_ready(self.carry)
-
-
 def run(size: common.Size) -> dict[str, Any]:
   """Interleaves guard-on and guard-off steps; returns the figures."""
-  setup = fixtures.trainer_setup(fixtures.config())
-  batches = fixtures.device_batches(setup, BATCHES)
-  sides = {'on': _Step(setup, True), 'off': _Step(setup, False)}
+  runs = {side: fixtures.trainer_run(fixtures.config(stop_on_nonfinite=on))
+          for side, on in (('on', True), ('off', False))}
+  batches = fixtures.device_batches(runs['on'], BATCHES)
+  sides = {side: fixtures.TrainerStep(r) for side, r in runs.items()}
   n = size.steps
 
-  def unit(side: _Step) -> float:
+  def unit(side: fixtures.TrainerStep) -> float:
     t = common.now()
     for i in range(n):
       side(batches[i % BATCHES])
@@ -69,7 +53,7 @@ def run(size: common.Size) -> dict[str, Any]:
           common.figure('step, guard off', common.median(seconds['off']) / n
                         * 1e3, 'ms', '-', None, cmd),
       ],
-      'details': {'batch_size': setup.config.batch_size,
+      'details': {'batch_size': runs['on'].setup.schedule.batch_size,
                   'steps_per_unit': n, 'rounds': rounds,
                   'seconds': seconds, 'ratio_per_round': ratios},
   }

@@ -2,7 +2,7 @@
 
 Three steps on the default config (batch 128, SGD momentum 0.9) and the same
 device-resident batches, interleaved round by round: the trainer's loop step
-(`trainer.train.train_functions`: metrics summed on device, state donated)
+(`trainer.run.Run.train_step`: metrics summed on device, state donated)
 on the state `trainer.setup` builds with `config.model.api='linen'`, the
 same with `'nnx'` (one `jax.jit` over the TrainState; the NNX graph is merged
 with the params inside the trace), and, for comparison, the NNX idiom of
@@ -45,10 +45,10 @@ def iqr(values: Sequence[float]) -> tuple[float, float]:
 class NnxJitStep:
   """The flax MNIST example's step: `nnx.jit` over (model, optimizer)."""
 
-  def __init__(self, setup: Any):
-    config = setup.config
-    self.model = models.create_nnx(config.model.name, len(config.classes),
-                                   nnx.Rngs(params=config.seed))
+  def __init__(self, run: Any):
+    setup = run.setup
+    self.model = models.create_nnx(setup.model_name, len(setup.classes),
+                                   nnx.Rngs(params=setup.seed))
     self.optimizer = nnx.Optimizer(self.model, setup.tx_at(0), wrt=nnx.Param)
     self._step = nnx.jit(self._train_step, donate_argnums=(0, 1))
     self.loss = None
@@ -76,7 +76,7 @@ class NnxJitStep:
 def _sides(batch_size: int, nnx_jit: bool
            ) -> tuple[dict[str, Any], list[Any], Any]:
   """The steps at `batch_size`, the batches, and the setups."""
-  setups = {api: fixtures.trainer_setup(fixtures.config(**{
+  setups = {api: fixtures.trainer_run(fixtures.config(**{
       'model.api': api, 'batch_size': batch_size})) for api in models.APIS}
   sides = {'linen': fixtures.TrainerStep(setups['linen']),
            'nnx': fixtures.TrainerStep(setups['nnx'])}
@@ -157,7 +157,7 @@ def run(size: common.Size) -> dict[str, Any]:
           f'{small_ms["nnx_jit"] - small_ms["nnx"]:.2f} ms a call at batch '
           f'{SMALL_BATCH}, lost in the noise of a {step_ms["nnx"]:.0f} ms '
           'step at batch 128.'),
-      'details': {'batch_size': setups['linen'].config.batch_size,
+      'details': {'batch_size': setups['linen'].setup.schedule.batch_size,
                   'small_batch_size': SMALL_BATCH,
                   'load_average_1min': [load_before, load_after],
                   'steps_per_unit': n, 'small_steps_per_unit': small_n,

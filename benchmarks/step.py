@@ -2,9 +2,9 @@
 
 Both train the default CNN (batch 128, SGD momentum 0.9, learning rate 0.1) on
 the same device-resident batches. The trainer side is `trainer.steps.
-train_step` jitted as the trainer's loop jits it (`trainer.train.
-train_functions`: metrics summed on device, state donated), on the
-TrainState that `trainer.setup` builds; the hand side is
+train_step` as the trainer's loop runs it (`trainer.run.Run.train_step`:
+metrics summed on device, state donated), on the TrainState that
+`trainer.setup` builds; the hand side is
 `fixtures.hand_step`. Also: the FLOPs
 of the CNN's forward and backward pass (XLA's cost analysis and a count by
 hand), the GFLOP/s the trainer achieves, and this machine's dense float32
@@ -78,10 +78,10 @@ def matmul_peak(n: int, repeats: int) -> float:
 
 def run(size: common.Size) -> dict[str, Any]:
   """Interleaves the two steps; returns the figures."""
-  setup = fixtures.trainer_setup(fixtures.config())
-  batch_size = setup.config.batch_size
-  batches = fixtures.device_batches(setup, BATCHES)
-  trainer_step = fixtures.TrainerStep(setup)
+  run = fixtures.trainer_run(fixtures.config())
+  batch_size = run.setup.schedule.batch_size
+  batches = fixtures.device_batches(run, BATCHES)
+  trainer_step = fixtures.TrainerStep(run)
   model = fixtures.SeedCNN()
   tx = fixtures.hand_sgd()
   hand = fixtures.hand_step(model, tx)

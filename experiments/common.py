@@ -14,17 +14,14 @@ import argparse
 import contextlib
 import copy
 import importlib
-import importlib.metadata
 import io
 import json
 import os
-import platform
 import shutil
 import sys
 from typing import Any, Sequence
 
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 
@@ -32,7 +29,7 @@ import hooks
 from trainer import checkpoint
 from trainer import data as data_lib
 from trainer import host
-from trainer import models
+from trainer import run as run_lib
 from trainer import train
 
 EXPERIMENTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -189,26 +186,44 @@ def state_at(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in hooks.flatten_raw(raw).items()}
 
 
+def reopen(workdir: str) -> run_lib.Run:
+  """The `Run` of a trained arm, prepared with the config it stored.
+
+  Args:
+    workdir: the arm's workdir.
+
+  Returns:
+    The run: its `restore(step)` reads any of the workdir's checkpoints.
+  """
+  ckpt_dir = checkpoint.directory(workdir)
+  stored = checkpoint.read_json(ckpt_dir, checkpoint.latest_step(workdir),
+                                'config')
+  return run_lib.Run.prepare(ml_collections.ConfigDict(stored), workdir)
+
+
 class Predictor:
-  """Predicts the embedded test split with params from a run's checkpoints."""
+  """Predicts the embedded test split with the checkpoints of trained arms."""
 
   def __init__(self, classes: Sequence[int], batch_size: int = 500):
     self.classes = tuple(classes)
     self.test = data_lib.load('embedded', '', self.classes).test
-    model = models.create('cnn', len(self.classes))
     self._batch_size = batch_size
-    self._predict = jax.jit(
-        lambda params, images: model.apply({'params': params},
-                                           images).argmax(-1))
+    self._runs: dict[str, run_lib.Run] = {}
+
+  def _run(self, workdir: str) -> run_lib.Run:
+    if workdir not in self._runs:
+      run = reopen(workdir)
+      if run.setup.classes != self.classes:
+        raise ValueError(f'{workdir} was trained on classes '
+                         f'{list(run.setup.classes)}, not the predictor\'s '
+                         f'{list(self.classes)}.')
+      self._runs[workdir] = run
+    return self._runs[workdir]
 
   def labels(self, workdir: str, step: int) -> np.ndarray:
     """Predicted labels (0..k-1) of the test split at checkpoint `step`."""
-    raw = checkpoint.read_raw(checkpoint.directory(workdir), step)
-    out = []
-    for batch in data_lib.eval_batches(self.test, self._batch_size):
-      out.append(np.asarray(self._predict(raw['params'], batch['image']))
-                 [batch['mask']])
-    return np.concatenate(out)
+    run = self._run(workdir)
+    return run.predict(run.restore(step), self.test.images, self._batch_size)
 
   def accuracy(self, workdir: str, step: int,
                groups: dict[str, Sequence[int]]) -> dict[str, float]:
@@ -222,27 +237,7 @@ class Predictor:
     return out
 
 
-# The environment and the files an experiment writes.
-
-
-def environment() -> dict[str, Any]:
-  """The machine and the package versions, for the report."""
-  versions = {}
-  for name in PACKAGES:
-    try:
-      versions[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      versions[name] = 'not installed'
-  return {
-      'cpu': host.cpu_model(),
-      'cpu_count': os.cpu_count(),
-      'platform': platform.platform(),
-      'python': platform.python_version(),
-      'jax_backend': jax.default_backend(),
-      'device_kind': jax.devices()[0].device_kind,
-      'device_count': jax.device_count(),
-      'versions': versions,
-  }
+# The files an experiment writes.
 
 
 def fmt(value: Any) -> str:
@@ -366,7 +361,7 @@ def execute(name: str, *, tiny: bool = False, results_dir: str | None = None,
   os.makedirs(runs_dir)
   summary = {'experiment': name, 'tiny': tiny, 'seeds': list(config.seeds)}
   summary.update(experiment.run(config, runs_dir, cache_dir))
-  summary['environment'] = environment()
+  summary['environment'] = host.environment(PACKAGES)
   path = os.path.join(results_dir, 'summary.json')
   with open(path, 'w') as f:
     json.dump(summary, f, indent=1)

@@ -2,9 +2,12 @@
 
 `prepare` validates the config, the workdir, a stored checkpoint, the hook
 phases and the freeze schedule, and loads the data (the hooks themselves are
-built once, by `surgery.prepare`, before anything is written); it writes nothing, so every bad
-input fails here. The state helpers build the TrainState of a run for the
-freeze phase of a given step, concretely or abstractly (no memory).
+built once, by `surgery.prepare`, before anything is written); it writes
+nothing, so every bad input fails here. It is the one reader of the config:
+the `Setup` it returns holds the values later stages need (surgery, the loop
+through `trainer.run.Run`, and the resolved config that every checkpoint
+stores), not the config. The state helpers build the TrainState of a run for
+the freeze phase of a given step, concretely or abstractly (no memory).
 
 A run's state is a flax `TrainState` whichever API the model is written in
 (config.model.api): `step` (int32), `params` (nested dicts under the Linen
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 from absl import logging
@@ -54,21 +58,80 @@ HOOK_PHASES = ('post_init', 'pre_restore')
 
 
 @dataclasses.dataclass(frozen=True)
+class Schedule:
+  """What the training loop reads of the config: length, batches, periods.
+
+  Attributes:
+    num_train_steps: the step the run ends at.
+    batch_size: the global train batch.
+    eval_batch_size: the global eval batch.
+    log_every_steps: how often train metrics are written.
+    eval_every_steps: how often the test split is evaluated.
+    checkpoint_every_steps: how often a checkpoint is written.
+    keep_checkpoints: the latest checkpoints kept (the best one besides).
+    progress_bar: 'auto', 'on' or 'off'.
+    stop_on_nonfinite: stop at a NaN or infinite loss, gradient or state.
+    learning_rate: the optimizer's, named by the guard's message.
+  """
+  num_train_steps: int
+  batch_size: int
+  eval_batch_size: int
+  log_every_steps: int
+  eval_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  progress_bar: str
+  stop_on_nonfinite: bool
+  learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
-  """A checked run: config, devices, data, model and optimizer."""
-  config: ml_collections.ConfigDict
+  """A checked run: the values derived from its config, devices, data, model.
+
+  Attributes:
+    workdir: the run's workdir, absolute.
+    stored_config: the resolved config as JSON data, as checkpoints store it.
+    seed: the fresh init's and the train batches' seed.
+    classes: the digit of each class (head column), in order.
+    model_name: the model's name in `models.MODELS`.
+    init_from: the checkpoint a fresh start restores ('' for a fresh init).
+    hook_lists: phase -> the config's hook entries, as plain dicts.
+    schedule: what the loop reads.
+    topology: the run's devices.
+    data: the splits (None when prepared without data).
+    model: pure init and apply, for either Flax API.
+    tx: the optimizer before freezing.
+    freeze: the freeze schedule.
+    latest_step: the step to resume (config.resume_step or the latest).
+    resume_step: config.resume_step: the step asked for (None: the latest).
+    compilation_cache_dir: JAX's persistent compilation cache ('' = off).
+  """
   workdir: str
+  stored_config: dict[str, Any]
+  seed: int
+  classes: tuple[int, ...]
+  model_name: str
+  init_from: str
+  hook_lists: dict[str, list[dict[str, Any]]]
+  schedule: Schedule
   topology: distributed.Topology
   data: data_lib.Data | None
-  num_train_steps: int
-  model: models.Model  # Pure init and apply, for either Flax API.
-  tx: optax.GradientTransformation  # Before freezing.
+  model: models.Model
+  tx: optax.GradientTransformation
   freeze: hooks.FreezeSchedule
-  latest_step: int | None  # The step to resume (config.resume_step or latest).
+  latest_step: int | None
+  resume_step: int | None
+  compilation_cache_dir: str
+
+  @property
+  def head(self) -> str:
+    """The model's classifier layer, whose columns surgery maps by digit."""
+    return models.HEADS[self.model_name]
 
   @functools.cached_property
   def abstract_params(self) -> Any:
-    return jax.eval_shape(self.model.init, jax.random.key(self.config.seed))
+    return jax.eval_shape(self.model.init, jax.random.key(self.seed))
 
   @functools.cached_property
   def _phase_txs(self) -> dict[int, optax.GradientTransformation]:
@@ -81,6 +144,20 @@ class Setup:
   def tx_at(self, step: int) -> optax.GradientTransformation:
     """The optimizer of the freeze phase that `step` is in."""
     return self._phase_txs[self.freeze.phase_index(step)]
+
+
+def schedule(config: ml_collections.ConfigDict, train_size: int) -> Schedule:
+  """The loop's schedule from the config, for a train split of `train_size`."""
+  return Schedule(
+      num_train_steps=num_train_steps(config, train_size),
+      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+      log_every_steps=config.log_every_steps,
+      eval_every_steps=config.eval_every_steps,
+      checkpoint_every_steps=config.checkpoint_every_steps,
+      keep_checkpoints=config.keep_checkpoints,
+      progress_bar=config.progress_bar,
+      stop_on_nonfinite=config.stop_on_nonfinite,
+      learning_rate=config.optimizer.learning_rate)
 
 
 def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
@@ -174,17 +251,19 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   """
   validation.validate(config)
   _check_hooks(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else workdir
   topology = distributed.topology()
   for field in ('batch_size', 'eval_batch_size'):
     distributed.check_divisible(field, config[field], topology.device_count)
   workdir_lib.check_writable(workdir)
   latest = checkpoint.resume_step(workdir, config.resume_step)
+  resolved = resume.to_json_dict(config)
   stored_meta = None
   if latest is not None:
     ckpt_dir = checkpoint.directory(workdir)
     stored = checkpoint.read_json(ckpt_dir, latest, 'config')
-    for field, old, new in resume.check(
-        stored, resume.to_json_dict(config), f'{ckpt_dir}/{latest}'):
+    for field, old, new in resume.check(stored, resolved,
+                                        f'{ckpt_dir}/{latest}'):
       logging.info('Resume: config.%s changes from %r to %r.', field, old, new)
     stored_meta = checkpoint.read_json(ckpt_dir, latest, 'meta')
   data = None
@@ -200,13 +279,19 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
       raise ConfigError(
           f'config.batch_size={config.batch_size} is larger than the train '
           f'split ({data.train.size} examples); use a smaller batch.')
-  steps_total = num_train_steps(config, data.train.size if data else 0)
+  loop = schedule(config, data.train.size if data else 0)
   model = models.build(config.model.name, validation.num_classes(config),
                        config.model.api)
-  setup = Setup(config=config, workdir=workdir, topology=topology, data=data,
-                num_train_steps=steps_total, model=model,
-                tx=optimizers.create(config.optimizer, steps_total),
-                freeze=freeze_schedule(config), latest_step=latest)
+  setup = Setup(
+      workdir=workdir, stored_config=resolved, seed=config.seed,
+      classes=tuple(int(c) for c in config.classes),
+      model_name=config.model.name, init_from=config.init_from,
+      hook_lists={phase: hook_entries(config, phase) for phase in HOOK_PHASES},
+      schedule=loop, topology=topology, data=data, model=model,
+      tx=optimizers.create(config.optimizer, loop.num_train_steps),
+      freeze=freeze_schedule(config), latest_step=latest,
+      resume_step=config.resume_step,
+      compilation_cache_dir=config.compilation_cache_dir)
   try:
     setup.tx_at(0)
   except ValueError as e:
@@ -223,7 +308,7 @@ def abstract_state(setup: Setup, step: int = 0) -> TrainState:
   """The TrainState's shapes, dtypes and shardings; no memory allocated."""
   shapes = jax.eval_shape(
       functools.partial(_init_state, setup.model, setup.tx_at(step)),
-      jax.random.key(setup.config.seed))
+      jax.random.key(setup.seed))
   return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                      sharding=setup.topology.replicated),
@@ -234,7 +319,7 @@ def initial_state(setup: Setup) -> TrainState:
   """The fresh TrainState of the run's seed, replicated over the mesh."""
   init = jax.jit(functools.partial(_init_state, setup.model, setup.tx_at(0)),
                  out_shardings=setup.topology.replicated)
-  return init(jax.random.key(setup.config.seed))
+  return init(jax.random.key(setup.seed))
 
 
 def enter_phase(setup: Setup, state: TrainState, step: int) -> TrainState:

@@ -1,4 +1,4 @@
-"""Pure train and eval steps. The caller jits them (state donated).
+"""Pure train, eval and predict steps, jitted in one place: trainer/run.py.
 
 One step for both Flax APIs: the state is a flax `TrainState` whose
 `apply_fn` is a Linen module's `apply`, or for an NNX model
@@ -103,6 +103,29 @@ def train_step(state: train_state.TrainState, batch: Batch,
       step=state.step + 1)
   state = state.apply_gradients(grads=grads)
   return state, step_metrics
+
+
+def train_and_merge(state: train_state.TrainState, totals: TrainMetrics,
+                    batch: Batch, check_finite: bool = True
+                    ) -> tuple[train_state.TrainState, TrainMetrics]:
+  """`train_step`, its metrics added to running totals in the same program.
+
+  The loop's step: jitted with state and totals donated, it spares the
+  per-step metric outputs and a merge dispatch per step, about 1 ms a step
+  on a CPU (10% of a step with frozen convolutions; benchmarks/freeze.py).
+
+  Args:
+    state: the train state.
+    totals: the metrics of the steps since the last read
+      (`TrainMetrics.empty()` to start).
+    batch: {'image': [B, 28, 28, 1], 'label': [B]}.
+    check_finite: as `train_step`'s.
+
+  Returns:
+    The new state and the totals with this step's metrics merged in.
+  """
+  state, metrics = train_step(state, batch, check_finite)
+  return state, totals.merge(metrics)
 
 
 def finite_leaves(tree: Any) -> Any:

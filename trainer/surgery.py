@@ -20,7 +20,6 @@ import jax
 
 import hooks
 from hooks import pairing
-from trainer import models
 from trainer import setup as setup_lib
 from trainer import workdir as workdir_lib
 from trainer.errors import CheckpointError
@@ -73,7 +72,8 @@ def _head_labels(spec: dict[str, Any], head: str, donor: list[int] | None,
   return spec
 
 
-def _copies_head(entry: dict[str, Any], head: str, setup: Any) -> bool:
+def _copies_head(entry: dict[str, Any], head: str,
+                 setup: setup_lib.Setup) -> bool:
   """Whether a donor hook's include/exclude select a variable of the head."""
   paths = [k for k in hooks.flatten(setup.abstract_params)
            if k.startswith(f'{head}/')]
@@ -87,13 +87,11 @@ def _copies_head(entry: dict[str, Any], head: str, setup: Any) -> bool:
   return bool(set(chosen) - set(dropped))
 
 
-def _complete(entry: dict[str, Any], phase: str, index: int, setup: Any,
-              sources: hooks.Sources,
+def _complete(entry: dict[str, Any], phase: str, index: int,
+              setup: setup_lib.Setup, sources: hooks.Sources,
               init_from: hooks.DonorReader | None) -> dict[str, Any]:
   """Adds the head layer and labels the trainer knows to one entry."""
-  config = setup.config
-  head = models.HEADS[config.model.name]
-  target = [int(c) for c in config.classes]
+  head, target = setup.head, list(setup.classes)
   entry = dict(entry)
   name = entry.get('name')
   if name in _DONOR_HOOKS and entry.get('donor'):
@@ -120,7 +118,7 @@ def _complete(entry: dict[str, Any], phase: str, index: int, setup: Any,
   return entry
 
 
-def prepare(setup: Any) -> Surgery:
+def prepare(setup: setup_lib.Setup) -> Surgery:
   """Opens init_from and donors (once each) and builds the hooks (once).
 
   Args:
@@ -133,15 +131,14 @@ def prepare(setup: Any) -> Surgery:
     CheckpointError: a donor or init_from cannot be read.
     ConfigError: a hook entry is malformed.
   """
-  config = setup.config
   sources = hooks.Sources()
-  init_from = (_open(sources, config.init_from, 'config.init_from')
-               if config.init_from else None)
+  init_from = (_open(sources, setup.init_from, 'config.init_from')
+               if setup.init_from else None)
   entries, built = {}, {}
   for phase in setup_lib.HOOK_PHASES:
     entries[phase] = [
         _complete(entry, phase, i, setup, sources, init_from)
-        for i, entry in enumerate(setup_lib.hook_entries(config, phase))]
+        for i, entry in enumerate(setup.hook_lists[phase])]
     built[phase] = []
     for index, entry in enumerate(entries[phase]):
       try:
@@ -225,10 +222,9 @@ def _head_labels_of(entry: dict[str, Any], head: str
   return None
 
 
-def _note_labels(setup: Any, entries: list[dict[str, Any]],
+def _note_labels(head: str, entries: list[dict[str, Any]],
                  report: hooks.Report) -> None:
   """Notes the digit of each head column for the hooks that moved them."""
-  head = models.HEADS[setup.config.model.name]
   touched = {a.hook for key in report.keys()
              if key.startswith(f'params/{head}/')
              for a in report.actions(key)}
@@ -239,10 +235,10 @@ def _note_labels(setup: Any, entries: list[dict[str, Any]],
                   + label_mapping(head, *labels))
 
 
-def _run(setup: Any, surgery: Surgery, *, dry_run: bool
+def _run(setup: setup_lib.Setup, surgery: Surgery, *, dry_run: bool
          ) -> tuple[TrainState, hooks.Report]:
   """The one pipeline of a start and of its plan."""
-  rng = jax.random.fold_in(jax.random.key(setup.config.seed), 1)
+  rng = jax.random.fold_in(jax.random.key(setup.seed), 1)
   fresh = lambda: setup_lib.initial_state(setup)
   phase = 'pre_restore' if surgery.init_from is not None else 'post_init'
   frozen = tuple(setup.freeze.phase_at(0))
@@ -270,11 +266,12 @@ def _run(setup: Any, surgery: Surgery, *, dry_run: bool
     error = CheckpointError if surgery.init_from is not None else SurgeryError
     raise error(f'{where} do not fit the state this config builds:\n{e}'
                 ) from e
-  _note_labels(setup, surgery.entries[phase], report)
+  _note_labels(setup.head, surgery.entries[phase], report)
   return state, report
 
 
-def start(setup: Any) -> tuple[TrainState, dict[str, Any], hooks.Report]:
+def start(setup: setup_lib.Setup
+          ) -> tuple[TrainState, dict[str, Any], hooks.Report]:
   """The state a fresh workdir starts from, what made it, and the report.
 
   Args:
@@ -301,7 +298,7 @@ def start(setup: Any) -> tuple[TrainState, dict[str, Any], hooks.Report]:
   return state, record, report
 
 
-def plan(setup: Any) -> tuple[hooks.Report, str]:
+def plan(setup: setup_lib.Setup) -> tuple[hooks.Report, str]:
   """Runs the hooks a fresh start would run, abstractly (no memory, no writes).
 
   Args:

@@ -1,4 +1,4 @@
-"""Wires data, model, optimizer, steps and checkpoints into a training run."""
+"""The training loop: a `trainer.run.Run` trained, evaluated and saved."""
 
 from __future__ import annotations
 
@@ -9,22 +9,17 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 import ml_collections
-import numpy as np
-import optax
 
 import hooks
 from trainer import checkpoint
-from trainer import data as data_lib
-from trainer import distributed
 from trainer import host
-from trainer import resume
+from trainer import run as run_lib
 from trainer import setup as setup_lib
 from trainer import steps
 from trainer import surgery
@@ -36,22 +31,10 @@ TrainState = train_state.TrainState
 
 def _meta(setup: setup_lib.Setup,
           surgery_record: dict[str, Any]) -> dict[str, Any]:
-  return {'classes': list(setup.config.classes),
+  return {'classes': list(setup.classes),
           'data_source': setup.data.source,
-          'model': setup.config.model.name,
+          'model': setup.model_name,
           'surgery': surgery_record}
-
-
-def evaluate(eval_fn: Any, state: TrainState, split: data_lib.Split,
-             batch_size: int, topology: distributed.Topology
-             ) -> dict[str, float]:
-  """Loss and accuracy over the whole split (padded last batch masked)."""
-  total = None
-  for batch in data_lib.eval_batches(split, batch_size):
-    batch_metrics = eval_fn(state, distributed.shard_batch(batch,
-                                                           topology.batch))
-    total = batch_metrics if total is None else total.merge(batch_metrics)
-  return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
 
 
 class Preemption(contextlib.AbstractContextManager):
@@ -100,11 +83,6 @@ def _progress_bar(setting: str, total: int, initial: int) -> Any:
   return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
 
 
-def _versions() -> dict[str, str]:
-  return {'jax': jax.__version__, 'jaxlib': jax.lib.__version__,
-          'flax': flax.__version__, 'optax': optax.__version__}
-
-
 def enable_compilation_cache(path: str) -> None:
   """Turns on JAX's persistent compilation cache in `path`, for every compile.
 
@@ -144,39 +122,6 @@ class _MetricWriter:
       self._writer.flush()
 
 
-def _train_and_merge(state: TrainState, totals: steps.TrainMetrics,
-                     batch: steps.Batch, check_finite: bool = True
-                     ) -> tuple[TrainState, steps.TrainMetrics]:
-  state, metrics = steps.train_step(state, batch, check_finite)
-  return state, totals.merge(metrics)
-
-
-def train_functions(topology: distributed.Topology,
-                    check_finite: bool = True) -> tuple[Any, Any]:
-  """The loop's train step and the empty metric totals it starts from.
-
-  The step is `steps.train_step` with its metrics added to running totals in
-  the same program, state and totals donated: per-step metric outputs and a
-  merge dispatch per step cost about 1 ms a step on a CPU (10% of a step
-  with frozen convolutions; benchmarks/freeze.py).
-
-  Args:
-    topology: the run's devices.
-    check_finite: record the first step with a non-finite loss or gradient
-      norm in the totals (config.stop_on_nonfinite).
-
-  Returns:
-    (train_fn, empty_metrics): `train_fn(state, totals, batch) -> (state,
-    totals)` and `empty_metrics() -> totals`, both jitted.
-  """
-  train_fn = jax.jit(functools.partial(_train_and_merge,
-                                       check_finite=check_finite),
-                     donate_argnums=(0, 1), out_shardings=topology.replicated)
-  empty_metrics = jax.jit(steps.TrainMetrics.empty,
-                          out_shardings=topology.replicated)
-  return train_fn, empty_metrics
-
-
 class Guard:
   """Stops the run at a non-finite loss, gradient norm or state.
 
@@ -188,11 +133,10 @@ class Guard:
   gradients), so no checkpoint ever holds a non-finite value.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict,
-               last_saved: int | None):
-    self.enabled = config.stop_on_nonfinite
+  def __init__(self, schedule: setup_lib.Schedule, last_saved: int | None):
+    self.enabled = schedule.stop_on_nonfinite
     self.last_saved = last_saved
-    self._learning_rate = config.optimizer.learning_rate
+    self._learning_rate = schedule.learning_rate
     self._finite_leaves = jax.jit(steps.finite_leaves)
 
   def _stop(self, step: int, what: str) -> NonFiniteError:
@@ -233,11 +177,11 @@ class Guard:
                        f'{len(bad)} of its {len(finite)} arrays: {shown}')
 
 
-def _progress_report(setup: setup_lib.Setup, writer: Any) -> Any:
+def _progress_report(num_train_steps: int, writer: Any) -> Any:
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   writer.open()
-  return periodic_actions.ReportProgress(
-      num_train_steps=setup.num_train_steps, writer=writer)
+  return periodic_actions.ReportProgress(num_train_steps=num_train_steps,
+                                         writer=writer)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -251,64 +195,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns:
     The summary that is also written to `workdir/summary.json`.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else workdir
-  setup = setup_lib.prepare(config, workdir)
-  if config.compilation_cache_dir:
-    enable_compilation_cache(config.compilation_cache_dir)
-  if setup.latest_step is None:
-    state, record, report = surgery.start(setup)
-    start_step = int(state.step)
-    state = setup_lib.enter_phase(setup, state, start_step)
-  else:
-    start_step = setup.latest_step
-    ckpt_dir = checkpoint.directory(workdir)
-    # Reads every array: a damaged step fails here, before any write.
-    state = checkpoint.restore(setup_lib.abstract_state(setup, start_step),
-                               ckpt_dir, start_step)
-    record = checkpoint.read_json(ckpt_dir, start_step, 'meta')['surgery']
-    report = None
-    if config.resume_step is not None:
-      checkpoint.set_aside(workdir, after=start_step)
-    logging.info('Resuming from %s at step %d; hooks are not run again.',
-                 ckpt_dir, start_step)
-  writer = _MetricWriter(workdir)
-  manager = checkpoint.writer(workdir, config.keep_checkpoints)
+  run = run_lib.Run.prepare(config, workdir)
+  setup = run.setup
+  if setup.compilation_cache_dir:
+    enable_compilation_cache(setup.compilation_cache_dir)
+  start = run.start()
+  if start.resumed and setup.resume_step is not None:
+    checkpoint.set_aside(setup.workdir, after=start.step)
+  writer = _MetricWriter(setup.workdir)
+  manager = checkpoint.writer(setup.workdir, setup.schedule.keep_checkpoints)
   try:
     save = functools.partial(checkpoint.save, manager,
-                             config=resume.to_json_dict(config),
-                             meta=_meta(setup, record))
-    guard = Guard(config, last_saved=setup.latest_step)
-    if setup.latest_step is None:
-      if report is not None and jax.process_index() == 0:
-        surgery.write_report(workdir, report)
-      guard.check_state(state, start_step)
-      save(start_step, state)
-      guard.last_saved = start_step
-    state, stats = train_loop(setup, state, start_step, writer, save, guard)
+                             config=setup.stored_config,
+                             meta=_meta(setup, start.record))
+    guard = Guard(setup.schedule, last_saved=setup.latest_step)
+    state = start.state
+    if not start.resumed:
+      if jax.process_index() == 0:
+        surgery.write_report(setup.workdir, start.report)
+      guard.check_state(state, start.step)
+      save(start.step, state)
+      guard.last_saved = start.step
+    state, stats = train_loop(run, state, start.step, writer, save, guard)
   finally:  # Also when the run stops on an error: no open files at exit.
     writer.flush()
     manager.close()
   summary = {
       'data_source': setup.data.source,
       'train_size': setup.data.train.size, 'test_size': setup.data.test.size,
-      'classes': list(config.classes), 'steps': stats['step'],
+      'classes': list(setup.classes), 'steps': stats['step'],
       'steps_this_run': stats['steps_run'],
       'final_eval_loss': stats['eval']['loss'],
       'final_eval_accuracy': stats['eval']['accuracy'],
       'train_examples_per_sec': stats['examples_per_sec'],
       'preempted': stats['preempted'],
-      'versions': _versions(),
-      'cpu': host.cpu_model(),
-      'device_kind': jax.devices()[0].device_kind,
-      'device_count': jax.device_count(),
-      'process_count': jax.process_count(),
+      **host.environment(),
   }
   if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+    workdir_lib.write_json(os.path.join(setup.workdir, 'summary.json'),
+                           summary)
   return summary
 
 
-def train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
+def train_loop(run: run_lib.Run, state: TrainState, start_step: int,
                writer: Any, save: Any, guard: Guard | None = None
                ) -> tuple[TrainState, dict[str, Any]]:
   """Runs steps start_step..num_train_steps; evaluates and saves on schedule.
@@ -317,12 +246,12 @@ def train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
   the first step, so that nothing but the run's own work precedes it.
 
   Args:
-    setup: the checked run.
+    run: the prepared run; its schedule says when to log, evaluate and save.
     state: the state at `start_step`.
     start_step: the step the loop starts from.
     writer: a clu metric writer.
     save: `save(step, state, metrics=...)`, called at checkpoint steps.
-    guard: stops the run at a NaN or inf; default config.stop_on_nonfinite's.
+    guard: stops the run at a NaN or inf; default the schedule's.
 
   Returns:
     The final state and the loop's figures (step, steps_run, eval,
@@ -331,59 +260,54 @@ def train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
   Raises:
     NonFiniteError: the guard found a non-finite loss, gradient or state.
   """
-  config, topology = setup.config, setup.topology
-  guard = guard or Guard(config, last_saved=start_step)
-  train_fn, empty_metrics = train_functions(topology, guard.enabled)
-  eval_fn = jax.jit(steps.eval_step, out_shardings=topology.replicated)
-  batches: Iterator[dict[str, np.ndarray]] = data_lib.train_batches(
-      setup.data.train, config.batch_size, config.seed, start_step)
+  schedule = run.setup.schedule
+  guard = guard or Guard(schedule, last_saved=start_step)
+  batches = run.train_batches(start_step)
   report = None  # Created after the first step.
-  bar = _progress_bar(config.progress_bar, setup.num_train_steps, start_step)
-  run_eval = functools.partial(evaluate, eval_fn, split=setup.data.test,
-                               batch_size=config.eval_batch_size,
-                               topology=topology)
-  train_metrics, eval_metrics, eval_step = empty_metrics(), None, None
+  bar = _progress_bar(schedule.progress_bar, schedule.num_train_steps,
+                      start_step)
+  train_metrics, eval_metrics, eval_step = run.empty_metrics(), None, None
   step, paused, t_start, preempted = start_step, 0.0, None, False
   with Preemption() as preemption:
-    while step < setup.num_train_steps and not preempted:
-      if step in setup.freeze.boundaries:
-        state = setup_lib.enter_phase(setup, state, step)
-      batch = distributed.shard_batch(next(batches), topology.batch)
-      state, train_metrics = train_fn(state, train_metrics, batch)
+    while step < schedule.num_train_steps and not preempted:
+      if step in run.setup.freeze.boundaries:
+        state = run.enter_phase(state, step)
+      state, train_metrics = run.train_step(state, train_metrics,
+                                            next(batches))
       step += 1
       if t_start is None:  # Time the steady state, not the first compile.
         jax.block_until_ready(state)
         logging.info('First step of this run done (step %d, compile '
                      'included).', step)
-        report = _progress_report(setup, writer)
+        report = _progress_report(schedule.num_train_steps, writer)
         t_start = time.perf_counter()
       report(step)
       if bar is not None:
         bar.update(1)
-      last = step == setup.num_train_steps
+      last = step == schedule.num_train_steps
       if last or any(step % every == 0 for every in (
-          config.log_every_steps, config.eval_every_steps,
-          config.checkpoint_every_steps)):
+          schedule.log_every_steps, schedule.eval_every_steps,
+          schedule.checkpoint_every_steps)):
         # The steps still queued are training time: wait for them before the
         # pause (metrics, eval, checkpoint) starts, not inside it.
         jax.block_until_ready((state, train_metrics))
       t_pause = time.perf_counter()
       preempted = preemption.requested(step)
-      checkpoint_now = (step % config.checkpoint_every_steps == 0 or preempted
-                        or last)
-      eval_now = step % config.eval_every_steps == 0 or last
-      if step % config.log_every_steps == 0 or last:
+      checkpoint_now = (step % schedule.checkpoint_every_steps == 0
+                        or preempted or last)
+      eval_now = step % schedule.eval_every_steps == 0 or last
+      if step % schedule.log_every_steps == 0 or last:
         scalars = jax.device_get(train_metrics.compute())
         first_nonfinite = scalars.pop('first_nonfinite_step')
         writer.write_scalars(step, {f'train_{k}': float(v)
                                     for k, v in scalars.items()})
-        train_metrics = empty_metrics()
+        train_metrics = run.empty_metrics()
         guard.check_totals(first_nonfinite, step)
       elif guard.enabled and (eval_now or checkpoint_now):
         guard.check_totals(train_metrics.first_nonfinite_step.compute(), step)
       if eval_now:
         with report.timed('eval'):
-          eval_metrics, eval_step = run_eval(state), step
+          eval_metrics, eval_step = run.evaluate(state), step
         writer.write_scalars(step, {f'eval_{k}': v
                                     for k, v in eval_metrics.items()})
         logging.info('step %d: eval accuracy %.4f, loss %.4f', step,
@@ -403,8 +327,9 @@ def train_loop(setup: setup_lib.Setup, state: TrainState, start_step: int,
   examples_per_sec = None
   if steps_run > 1:
     elapsed = time.perf_counter() - t_start - paused
-    examples_per_sec = (steps_run - 1) * config.batch_size / max(elapsed, 1e-9)
+    examples_per_sec = ((steps_run - 1) * schedule.batch_size
+                        / max(elapsed, 1e-9))
   if eval_step != step:
-    eval_metrics = run_eval(state)
+    eval_metrics = run.evaluate(state)
   return state, {'step': step, 'steps_run': steps_run, 'eval': eval_metrics,
                  'examples_per_sec': examples_per_sec, 'preempted': preempted}

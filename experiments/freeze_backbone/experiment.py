@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
@@ -12,9 +13,7 @@ import numpy as np
 
 from experiments import common
 from experiments.warm_start_resize_head import experiment as warm_start_exp
-from trainer import data as data_lib
-from trainer import setup as setup_lib
-from trainer import steps
+from trainer import run as run_lib
 
 
 def compare_to_donor(workdir: str, donor_dir: str, keys: tuple[str, ...],
@@ -76,29 +75,28 @@ def time_steps(config: ml_collections.ConfigDict, runs_dir: str,
                donor_dir: str) -> dict[str, Any]:
   """Times the train step of every arm side by side in this process.
 
-  Each arm's step is jitted as the trainer jits it, on its own fresh state;
-  `rounds` rounds run `steps_per_round` steps of each arm in turn (the order
-  alternating), blocking on the result; the median time per step is kept.
+  Each arm's step is the trainer's (`Run.train_step`: metrics summed on
+  device, state donated), on its own fresh state; `rounds` rounds run
+  `steps_per_round` steps of each arm in turn (the order alternating),
+  blocking on the result; the median time per step is kept.
   """
   timing = config.timing
-  fns, states = {}, {}
+  runs, carries = {}, {}
   for name in config.arm_order:
     arm = common.arm_config(config.arms[name], timing.seed, donor=donor_dir)
-    setup = setup_lib.prepare(arm, os.path.join(runs_dir, f'timing_{name}'),
-                              load_data=False)
-    states[name] = setup_lib.initial_state(setup)
-    fns[name] = jax.jit(steps.train_step, donate_argnums=(0,))
-    classes, batch_size = arm.classes, arm.batch_size
-  train = data_lib.load('embedded', '', classes).train
-  batches = data_lib.train_batches(train, batch_size, timing.seed)
-  batches = [jax.device_put(next(batches)) for _ in range(8)]
+    runs[name] = run_lib.Run.prepare(
+        arm, os.path.join(runs_dir, f'timing_{name}'))
+    carries[name] = (runs[name].fresh_state(), runs[name].empty_metrics())
+  first = runs[config.arm_order[0]]
+  batch_size = first.setup.schedule.batch_size
+  batches = list(itertools.islice(first.train_batches(), 8))
 
   def run(name: str, count: int, offset: int) -> float:
     start = time.perf_counter()
     for i in range(count):
-      states[name], _ = fns[name](states[name],
-                                  batches[(offset + i) % len(batches)])
-    jax.block_until_ready(states[name])
+      carries[name] = runs[name].train_step(
+          *carries[name], batches[(offset + i) % len(batches)])
+    jax.block_until_ready(carries[name])
     return (time.perf_counter() - start) / count
 
   for name in config.arm_order:

@@ -11,11 +11,7 @@ import numpy as np
 
 import hooks
 from experiments import common
-from trainer import checkpoint
-from trainer import data as data_lib
-from trainer import distributed
-from trainer import setup as setup_lib
-from trainer import steps
+from trainer import run as run_lib
 
 
 def first_update(config: ml_collections.ConfigDict, workdir: str,
@@ -23,32 +19,28 @@ def first_update(config: ml_collections.ConfigDict, workdir: str,
   """Redoes the first step after the restore; the size of its update.
 
   The state at `step` (the restore) is read from the run's checkpoint and
-  one train step, jitted as the trainer jits it, is applied to the run's
-  batch of that step.
+  the trainer's train step (`Run.train_step`) is applied to the run's batch
+  of that step.
 
   Returns:
     The update's L2 norm, its mean and largest |element| over the learning
     rate, and the loss after it on the next batch (the trainer logs the same
     loss at step + 2).
   """
-  setup = setup_lib.prepare(config, workdir)
-  state = checkpoint.restore(setup_lib.abstract_state(setup, step),
-                             checkpoint.directory(workdir), step)
+  run = run_lib.Run.prepare(config, workdir)
+  state = run.restore(step)
   before = {k: np.asarray(v) for k, v in hooks.flatten(state.params).items()}
-  batches = data_lib.train_batches(setup.data.train, config.batch_size,
-                                   config.seed, step)
-  train_fn = jax.jit(steps.train_step, donate_argnums=(0,))
-  shard = lambda b: distributed.shard_batch(b, setup.topology.batch)
-  state, _ = train_fn(state, shard(next(batches)))
+  batches = run.train_batches(step)
+  state, _ = run.train_step(state, run.empty_metrics(), next(batches))
   after = {k: np.asarray(v) for k, v in hooks.flatten(state.params).items()}
   delta = np.concatenate([(after[k].astype(np.float64) - before[k]).ravel()
                           for k in sorted(before)])
-  _, metrics = train_fn(state, shard(next(batches)))
+  _, totals = run.train_step(state, run.empty_metrics(), next(batches))
   lr = config.optimizer.learning_rate
   return {'l2': float(np.sqrt(np.sum(delta ** 2))),
           'mean_abs_over_lr': float(np.abs(delta).mean() / lr),
           'max_abs_over_lr': float(np.abs(delta).max() / lr),
-          'next_loss': float(jax.device_get(metrics.compute())['loss'])}
+          'next_loss': float(jax.device_get(totals.compute())['loss'])}
 
 
 def run(config: ml_collections.ConfigDict, runs_dir: str,

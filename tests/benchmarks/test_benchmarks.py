@@ -11,6 +11,7 @@ import pytest
 
 import benchmarks
 from benchmarks import common
+from trainer import host
 
 
 @pytest.fixture(scope='module')
@@ -44,14 +45,27 @@ def test_benchmark_runs_at_tiny_size(name, run, out_dir):
   assert written['size'] == 'tiny'
   assert written['figures']
   env = written['environment']
-  assert env['jax'] and env['jaxlib'] and env['device']
+  assert env == host.environment()  # The trainer's record of the machine.
   for fig in written['figures']:
     assert set(fig) >= {'figure', 'value', 'unit', 'goal', 'met', 'command'}
     assert fig['command'].startswith('.venv/bin/python -m benchmarks')
   common.write_table(str(out_dir), benchmarks.ALL)
   table = (out_dir / 'README.md').read_text()
   assert f'| {name} | {written["figures"][0]["figure"]} |' in table
-  assert env['jaxlib'] in table
+  assert (f"| {env['versions']['jax']} / {env['versions']['jaxlib']} | "
+          f"{env['jax_backend']} {env['device_kind']} x{env['device_count']} "
+          f"({env['cpu_count']} cores) |") in table
+
+
+def test_table_reads_results_stamped_before_host_environment(tmp_path):
+  result = {'environment': {'cpu': 'AMD EPYC', 'cpu_count': 2,
+                            'device': 'cpu cpu x1', 'jax': '0.10.2',
+                            'jaxlib': '0.10.2', 'python': '3.11.7'},
+            'figures': [common.figure('f', 1.0, 'x', '-', None, 'cmd')]}
+  common.write_result(str(tmp_path), 'step', result)
+  common.write_table(str(tmp_path), ['step'])
+  assert ('| step | f | 1 x | - | - | - | 0.10.2 / 0.10.2 | cpu cpu x1 '
+          '(2 cores) | `cmd` |') in (tmp_path / 'README.md').read_text()
 
 
 def test_surgery_keeps_untouched_leaves_and_copies_nothing_to_host(run):

@@ -30,9 +30,9 @@ def cache_dir(tmp_path_factory):
   compiled steps are cached on disk; both are undone after this module."""
   previous = {flag: getattr(jax.config, flag) for flag in CACHE_FLAGS}
   patch = pytest.MonkeyPatch()
-  if hasattr(data_lib, '_load_embedded'):  # A private helper: patch if there.
-    patch.setattr(data_lib, '_load_embedded',
-                  functools.lru_cache(maxsize=1)(data_lib._load_embedded))
+  load = functools.lru_cache(maxsize=8)(data_lib.load)
+  patch.setattr(data_lib, 'load', lambda source, data_dir, classes: load(
+      source, data_dir, tuple(int(c) for c in classes)))
   yield str(tmp_path_factory.mktemp('jax_cache'))
   patch.undo()
   for flag, value in previous.items():

@@ -22,6 +22,7 @@ from trainer import inspect
 from trainer import models
 from trainer import plan
 from trainer import resume
+from trainer import Run
 from trainer import setup as setup_lib
 from trainer import steps
 from trainer import train
@@ -110,12 +111,11 @@ def test_steps_lower_to_the_linen_programs(tmp_path):
   totals = jax.eval_shape(steps.TrainMetrics.empty)
   programs = {}
   for api in models.APIS:
-    setup = _setup(api, tmp_path)
-    state = setup_lib.abstract_state(setup)
-    train_fn, _ = train.train_functions(setup.topology)
+    run = Run.prepare(_config(api), str(tmp_path / 'run'), load_data=False)
+    state = run.abstract_state()
     programs[api] = (
-        train_fn.lower(state, totals, batch).as_text(),
-        jax.jit(steps.eval_step).lower(
+        run.train_step.lower(state, totals, batch).as_text(),
+        run.eval_step.lower(
             state, {**batch, 'mask': jax.ShapeDtypeStruct((32,), bool)}
         ).as_text())
   assert programs['nnx'] == programs['linen']

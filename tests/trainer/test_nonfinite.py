@@ -1,6 +1,6 @@
 """The non-finite guard: a NaN stops the run before a checkpoint holds it."""
 
-import functools
+import itertools
 import os
 
 import jax
@@ -9,11 +9,8 @@ import pytest
 
 from tests.trainer import runs
 from trainer import checkpoint
-from trainer import data as data_lib
-from trainer import distributed
-from trainer import setup as setup_lib
+from trainer import Run
 from trainer import steps
-from trainer import train
 from trainer.__main__ import main
 
 TINY = os.path.join(runs.REPO, 'configs', 'tiny.py')
@@ -25,17 +22,14 @@ def _all_finite(workdir, step):
 
 
 def test_first_nonfinite_step_is_recorded_on_device(tiny_config, tmp_path):
-  setup = setup_lib.prepare(tiny_config, str(tmp_path))
-  batches = data_lib.train_batches(setup.data.train, 32, 0)
-  place = functools.partial(distributed.shard_batch,
-                            sharding=setup.topology.batch)
-  good = [place(next(batches)) for _ in range(3)]
-  bad = dict(good[1], image=good[1]['image'].at[0, 0, 0, 0].set(np.nan))
   for check, expected in ((True, 2), (False, steps.ALL_FINITE)):
-    train_fn, empty = train.train_functions(setup.topology, check)
-    state, totals = setup_lib.initial_state(setup), empty()
+    tiny_config.stop_on_nonfinite = check
+    run = Run.prepare(tiny_config, str(tmp_path))
+    good = list(itertools.islice(run.train_batches(), 3))
+    bad = dict(good[1], image=good[1]['image'].at[0, 0, 0, 0].set(np.nan))
+    state, totals = run.fresh_state(), run.empty_metrics()
     for batch in (good[0], bad, good[2]):  # Steps 1, 2 (NaN), 3.
-      state, totals = train_fn(state, totals, batch)
+      state, totals = run.train_step(state, totals, batch)
     # Step 3 is NaN too (the state is); the earliest one is kept.
     assert int(jax.device_get(totals.compute()['first_nonfinite_step'])
                ) == expected
