@@ -10,7 +10,7 @@ params, flax.optim Adam's `grad_ema`/`grad_sq_ema` into the optax Adam
 moments (a Momentum checkpoint's `momentum` into SGD's trace) and its step
 into the run's step and Adam's counts; training continues from that step.
 Give the optimizer the legacy run's settings: Adam with learning rate 1e-3
-here; for a flax.optim.Momentum checkpoint, pass --config.optimizer.name=sgd
+here; for a legacy Momentum checkpoint, pass --config.optimizer.name=sgd
 and its --config.optimizer.learning_rate and momentum.
 """
 
