@@ -12,12 +12,13 @@ import functools
 import itertools
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import optax
 
+from benchmarks import common
 from configs import default
 from trainer import run as run_lib
 
@@ -128,6 +129,28 @@ class TrainerStep:
 
   def block(self) -> None:
     jax.block_until_ready((self.state, self.totals))
+
+
+def timed_steps(side: Any, batches: Sequence[Any], steps: int
+                ) -> Callable[[], float]:
+  """A unit for `common.interleaved`: seconds of `steps` calls of `side`.
+
+  Args:
+    side: a step with `__call__(batch)` and `block()` (e.g. `TrainerStep`).
+    batches: the batches, used in turn.
+    steps: how many steps one unit runs.
+
+  Returns:
+    A function that runs the steps, waits for the device and returns the
+    seconds.
+  """
+  def unit() -> float:
+    t = common.now()
+    for i in range(steps):
+      side(batches[i % len(batches)])
+    side.block()
+    return common.now() - t
+  return unit
 
 
 def device_batches(run: run_lib.Run, count: int) -> list[dict[str, Any]]:

@@ -37,16 +37,6 @@ def run(size: common.Size) -> dict[str, Any]:
                    'full': fixtures.TrainerStep(full_run)}
   n = size.steps * (3 if not size.tiny else 1)  # Frozen steps are short.
 
-  def trainer_unit(which: str) -> Any:
-    def unit() -> float:
-      step = trainer_steps[which]
-      t = common.now()
-      for i in range(n):
-        step(batches[i % BATCHES])
-      step.block()
-      return common.now() - t
-    return unit
-
   def hand_unit() -> float:
     nonlocal carry
     t = common.now()
@@ -56,8 +46,9 @@ def run(size: common.Size) -> dict[str, Any]:
     jax.block_until_ready(carry)
     return common.now() - t
 
-  units = {'frozen': trainer_unit('frozen'), 'full': trainer_unit('full'),
-           'hand_set_to_zero': hand_unit}
+  units = {name: fixtures.timed_steps(step, batches, n)
+           for name, step in trainer_steps.items()}
+  units['hand_set_to_zero'] = hand_unit
   for unit in units.values():
     unit()
   seconds = common.interleaved(units, size.rounds)

@@ -27,15 +27,8 @@ def run(size: common.Size) -> dict[str, Any]:
   batches = fixtures.device_batches(runs['on'], BATCHES)
   sides = {side: fixtures.TrainerStep(r) for side, r in runs.items()}
   n = size.steps
-
-  def unit(side: fixtures.TrainerStep) -> float:
-    t = common.now()
-    for i in range(n):
-      side(batches[i % BATCHES])
-    side.block()
-    return common.now() - t
-
-  units = {name: (lambda s=side: unit(s)) for name, side in sides.items()}
+  units = {name: fixtures.timed_steps(side, batches, n)
+           for name, side in sides.items()}
   for fn in units.values():  # Compile and warm up.
     fn()
   # The difference is small: three times the usual rounds for a stable median.

@@ -88,15 +88,8 @@ def _sides(batch_size: int, nnx_jit: bool
 def _interleave(sides: dict[str, Any], batches: list[Any], steps: int,
                 rounds: int) -> dict[str, list[float]]:
   """Seconds of `steps` steps of each side per round, after a warm-up."""
-
-  def unit(side: Any) -> float:
-    t = common.now()
-    for i in range(steps):
-      side(batches[i % BATCHES])
-    side.block()
-    return common.now() - t
-
-  units = {name: (lambda s=side: unit(s)) for name, side in sides.items()}
+  units = {name: fixtures.timed_steps(side, batches, steps)
+           for name, side in sides.items()}
   for fn in units.values():  # Compile and warm up.
     fn()
   return common.interleaved(units, rounds)

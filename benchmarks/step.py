@@ -88,12 +88,7 @@ def run(size: common.Size) -> dict[str, Any]:
   carry = fixtures.hand_carry(model, tx)
   n = size.steps
 
-  def trainer_unit() -> float:
-    t = common.now()
-    for i in range(n):
-      trainer_step(batches[i % BATCHES])
-    trainer_step.block()
-    return common.now() - t
+  trainer_unit = fixtures.timed_steps(trainer_step, batches, n)
 
   def hand_unit() -> float:
     nonlocal carry

@@ -109,6 +109,13 @@ HEADS: dict[str, str] = {'cnn': 'Dense_1'}
 INPUT_SHAPE = (28, 28, 1)
 
 
+def _registered(registry: dict[str, Callable[..., Any]], name: str,
+                what: str) -> Callable[..., Any]:
+  if name not in registry:
+    raise KeyError(f'unknown {what} {name!r}; known: {sorted(registry)}')
+  return registry[name]
+
+
 def create(name: str, num_classes: int) -> nn.Module:
   """Builds the Linen model registered as `name`.
 
@@ -122,9 +129,7 @@ def create(name: str, num_classes: int) -> nn.Module:
   Raises:
     KeyError: `name` is not registered.
   """
-  if name not in MODELS:
-    raise KeyError(f'unknown model {name!r}; known: {sorted(MODELS)}')
-  return MODELS[name](num_classes=num_classes)
+  return _registered(MODELS, name, 'model')(num_classes=num_classes)
 
 
 def create_nnx(name: str, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -141,9 +146,7 @@ def create_nnx(name: str, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
   Raises:
     KeyError: `name` is not registered.
   """
-  if name not in NNX_MODELS:
-    raise KeyError(f'unknown NNX model {name!r}; known: {sorted(NNX_MODELS)}')
-  return NNX_MODELS[name](num_classes, rngs=rngs)
+  return _registered(NNX_MODELS, name, 'NNX model')(num_classes, rngs=rngs)
 
 
 def init_params(model: nn.Module, rng: jax.Array) -> Params:
