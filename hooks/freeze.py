@@ -245,10 +245,11 @@ def freeze_state(state: Any, patterns: Sequence[str]) -> Any:
     ValueError: If a pattern is invalid or matches no param, if every param
       would be frozen, or if a slot's shape differs from the new state's.
   """
-  if nnx_state.is_nnx(state) and not isinstance(state, tuple):
-    raise ValueError('freeze_state needs the optimizer: pass (model, '
-                     'optimizer), not the model alone.')
   if nnx_state.is_nnx(state):
+    if not isinstance(state, tuple):
+      raise ValueError(
+          'freeze_state needs the optimizer: pass (model, nnx.Optimizer), '
+          f'not a {type(state).__name__} alone.')
     model, optimizer = state
     return model, nnx_state.freeze_optimizer(model, optimizer, patterns)
   tx = freeze(state.tx, state.params, patterns)

@@ -24,7 +24,7 @@ gives it the names of the target's flat view (``hooks.nnx_state``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -157,8 +157,8 @@ class NnxStateView:
     return f'NnxStateView({self._reader!r})'
 
 
-def view(reader: DonorReader, reads: Mapping[str, Sequence[str]]
-         ) -> NnxStateView:
+def view(reader: DonorReader, reads: Mapping[str, Sequence[str]],
+         skip: Collection[str] = ()) -> NnxStateView:
   """Names an ``'orbax-nnx-state'`` donor's tensors for the target.
 
   Args:
@@ -166,6 +166,8 @@ def view(reader: DonorReader, reads: Mapping[str, Sequence[str]]
     reads: Donor path (no collection, no ``/value``) -> the target keys
       that read it (``<collection>/<path>``), e.g. ``{'Conv_0/kernel':
       ['params/Conv_0/kernel']}``.
+    skip: Model paths the view leaves out (the target's RNG state, which
+      the flat view does not hold).
 
   Returns:
     The view: ``params/...``, ``batch_stats/...``, ``opt_state/...``,
@@ -190,6 +192,8 @@ def view(reader: DonorReader, reads: Mapping[str, Sequence[str]]
   not_read = []
   for name in model:
     # Every model name lies under the prefix.
+    if name[len(prefix):] in skip:
+      continue
     key = _target_key(reader.path, name[len(prefix):], reads)
     if key is None:
       not_read.append(short[name])

@@ -19,6 +19,7 @@ An NNX state is a model, or a ``(model, optimizer)`` pair (an
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,11 +32,15 @@ from hooks import flat as flat_lib
 from hooks import validation
 
 __all__ = [
+    'Trainable',
     'abstract',
+    'base_filter',
+    'flat_like',
     'flatten',
     'freeze_filter',
     'freeze_optimizer',
     'is_nnx',
+    'rng_paths',
     'trainable_filter',
     'write',
 ]
@@ -43,24 +48,33 @@ __all__ = [
 _OPT_STATE = 'opt_state'
 
 
-def is_nnx(state: Any) -> bool:
-  """Whether ``state`` is an NNX model or a ``(model, optimizer)`` pair."""
+def _pair(state: Any) -> tuple[nnx.Module, nnx.Optimizer | None] | None:
+  """``(model, optimizer)`` of an NNX state; None for anything else."""
+  if isinstance(state, nnx.ModelAndOptimizer):
+    return state.model, state  # Its view keeps only the optimizer's state.
   if isinstance(state, nnx.Module):
-    return True
-  return (isinstance(state, tuple) and len(state) == 2
-          and isinstance(state[0], nnx.Module)
-          and (state[1] is None or isinstance(state[1], nnx.Optimizer)))
+    return state, None
+  if (isinstance(state, tuple) and len(state) == 2
+      and isinstance(state[0], nnx.Module)
+      and isinstance(state[1], nnx.Optimizer)):
+    return state[0], state[1]
+  return None
+
+
+def is_nnx(state: Any) -> bool:
+  """Whether ``state`` is an NNX model, a ``(model, nnx.Optimizer)`` pair or
+  an ``nnx.ModelAndOptimizer``."""
+  return _pair(state) is not None
 
 
 def _parts(state: Any) -> tuple[nnx.Module, nnx.Optimizer | None]:
-  if isinstance(state, nnx.Module):
-    return state, None
-  if not is_nnx(state):
+  pair = _pair(state)
+  if pair is None:
     raise TypeError(
-        f'Expected an nnx.Module or a (model, nnx.Optimizer) pair, got '
-        f'{type(state).__name__}.'
+        'Expected an nnx.Module, a (model, nnx.Optimizer) pair or an '
+        f'nnx.ModelAndOptimizer, got {type(state).__name__}.'
     )
-  return state[0], state[1]
+  return pair
 
 
 def _path(path: tuple[Any, ...]) -> str:
@@ -68,14 +82,17 @@ def _path(path: tuple[Any, ...]) -> str:
 
 
 def _collection(variable_type: type[nnx.Variable], path: str) -> str:
-  try:
-    return variablelib.variable_name_from_type(variable_type)
-  except ValueError:
-    raise ValueError(
+  """The Linen collection of the nearest registered class (LoRAParam: Param)."""
+  for cls in variable_type.__mro__:
+    try:
+      return variablelib.variable_name_from_type(cls)
+    except ValueError:
+      continue
+  raise ValueError(
         f'The NNX variable {path!r} is a {variable_type.__name__}, which has '
         'no Linen collection name, so hooks cannot name it. Register one '
         f"first: nnx.register_variable_name('<name>', {variable_type.__name__})."
-    ) from None
+  )
 
 
 def _model_items(model: nnx.Module) -> list[tuple[str, tuple[Any, ...], Any]]:
@@ -87,6 +104,20 @@ def _model_items(model: nnx.Module) -> list[tuple[str, tuple[Any, ...], Any]]:
     key = f'{_collection(type(variable), name)}/{name}'
     items.append((key, path, variable.get_value()))
   return items
+
+
+def rng_paths(state: Any) -> set[str]:
+  """The model paths of the RNG state the flat view leaves out.
+
+  Args:
+    state: An NNX state (see ``is_nnx``).
+
+  Returns:
+    ``'/'``-joined paths, e.g. ``{'dropout/rngs/key', 'dropout/rngs/count'}``.
+  """
+  model, _ = _parts(state)
+  return {_path(path) for path, _ in
+          nnx.to_flat_state(nnx.state(model, nnx.RngState))}
 
 
 def _optimizer_items(optimizer: nnx.Optimizer
@@ -171,51 +202,78 @@ def abstract(state: Any) -> Any:
   return nnx.merge(graphdef, jax.tree.map(to_struct, values))
 
 
-def trainable_filter(patterns: Sequence[str]) -> Any:
-  """The ``wrt`` filter of params that do not match ``patterns``.
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """An NNX filter: what ``base`` selects, minus the frozen paths.
+
+  Equal for equal arguments (a jitted step does not retrace for a new but
+  equal filter), and it remembers ``base``, so that changing the frozen set
+  starts again from what the optimizer trained before any freezing.
+
+  Attributes:
+    base: The filter of what the optimizer trains unfrozen (``nnx.Param``,
+      ``nnx.LoRAParam``, ...).
+    patterns: Regexes over param paths of the frozen variables,
+      ``re.fullmatch``.
+  """
+  base: Any
+  patterns: tuple[str, ...]
+
+  def __call__(self, path: tuple[Any, ...], value: Any) -> bool:
+    if not nnx.filterlib.to_predicate(self.base)(path, value):
+      return False
+    name = _path(path)
+    return not any(re.fullmatch(p, name) for p in self.patterns)
+
+
+def base_filter(wrt: Any) -> Any:
+  """What an optimizer's ``wrt`` trains before freezing."""
+  return wrt.base if isinstance(wrt, Trainable) else wrt
+
+
+def trainable_filter(patterns: Sequence[str], base: Any = nnx.Param) -> Any:
+  """The ``wrt`` filter of the variables ``base`` selects minus ``patterns``.
 
   Args:
     patterns: Regexes over param paths (``'Conv_0/.*'``), ``re.fullmatch``,
       as for Linen's ``hooks.freeze``.
+    base: What the optimizer trains unfrozen; default ``nnx.Param``.
 
   Returns:
-    An NNX filter: ``nnx.Param`` variables whose path matches no pattern.
-    Pass it as ``nnx.Optimizer(model, tx, wrt=...)`` and as
+    ``base`` itself when ``patterns`` is empty, else a ``Trainable``. Pass
+    it as ``nnx.Optimizer(model, tx, wrt=...)`` and as
     ``nnx.DiffState(0, ...)`` to ``nnx.grad``, so frozen params get neither
     slots nor gradients.
   """
-  compiled = [re.compile(p) for p in patterns]
-
-  def trainable(path: tuple[Any, ...], value: Any) -> bool:
-    name = _path(path)
-    return not any(p.fullmatch(name) for p in compiled)
-
-  return nnx.All(nnx.Param, trainable) if compiled else nnx.Param
+  base = base_filter(base)
+  return Trainable(base, tuple(patterns)) if patterns else base
 
 
-def freeze_filter(model: nnx.Module, patterns: Sequence[str]) -> Any:
+def freeze_filter(model: nnx.Module, patterns: Sequence[str],
+                  base: Any = nnx.Param) -> Any:
   """Checks ``patterns`` against ``model`` and returns the trainable filter.
 
   Args:
     model: The NNX model.
-    patterns: Regexes over param paths, ``re.fullmatch``.
+    patterns: Regexes over the paths of what ``base`` selects, fullmatch.
+    base: What the optimizer trains unfrozen; default ``nnx.Param``.
 
   Returns:
-    ``trainable_filter(patterns)``.
+    ``trainable_filter(patterns, base)``.
 
   Raises:
-    ValueError: If a pattern is invalid or matches no param, or if every
-      param would be frozen.
+    ValueError: If a pattern is invalid or matches nothing ``base``
+      selects, or if everything would be frozen.
   """
   paths = [_path(path) for path, _ in
-           nnx.to_flat_state(nnx.state(model, nnx.Param))]
+           nnx.to_flat_state(nnx.state(model, base_filter(base)))]
   frozen = validation.match_keys(patterns, paths)
   if paths and len(frozen) == len(paths):
     raise ValueError(
         f'Freeze patterns {list(patterns)} match all {len(paths)} params: '
         'nothing left to train. Narrow the patterns or drop this phase.'
     )
-  return trainable_filter(patterns)
+  return trainable_filter(patterns, base)
 
 
 def freeze_optimizer(model: nnx.Module, optimizer: nnx.Optimizer,
@@ -223,11 +281,13 @@ def freeze_optimizer(model: nnx.Module, optimizer: nnx.Optimizer,
                      tx: Any = None) -> nnx.Optimizer:
   """Returns a new ``nnx.Optimizer`` that leaves ``patterns`` unchanged.
 
-  Frozen params have no slots; every slot and count the old optimizer has
-  under the same key is carried over (slots surgery edited stay as they
-  are; params that become trainable get fresh slots, and with
-  ``hooks.optim`` a count of 0, so no bias-correction kick), and so is the
-  step. ``[]`` unfreezes everything.
+  The new ``wrt`` is what the old optimizer trained before any freezing
+  (its ``wrt``, or a ``Trainable``'s ``base``) minus ``patterns``; ``[]``
+  unfreezes everything it trained. Frozen params have no slots; every slot
+  and count the old optimizer has under the same key is carried over (slots
+  surgery edited stay as they are; params that become trainable get fresh
+  slots, and with ``hooks.optim`` a count of 0, so no bias-correction
+  kick), and so is the step.
 
   Args:
     model: The model.
@@ -236,20 +296,17 @@ def freeze_optimizer(model: nnx.Module, optimizer: nnx.Optimizer,
     tx: The optax transformation; default ``optimizer.tx``.
 
   Returns:
-    The new optimizer (``wrt`` = ``freeze_filter(model, patterns)``).
+    The new optimizer.
 
   Raises:
     ValueError: If a pattern is invalid or matches no param, if every param
       would be frozen, or if a carried leaf's shape differs.
   """
-  wrt = freeze_filter(model, patterns) if patterns else nnx.Param
+  wrt = freeze_filter(model, patterns, optimizer.wrt)
   new = nnx.Optimizer(model, optimizer.tx if tx is None else tx, wrt=wrt)
-  old = flatten((model, optimizer))
-  fresh = flatten((model, new))
-  carried = {}
+  old = dict(_optimizer_items_flat(optimizer))
+  fresh = dict(_optimizer_items_flat(new))
   for key, value in fresh.items():
-    if not key.startswith(_OPT_STATE) and key != 'step':
-      continue
     previous = old.get(key)
     if previous is None:
       continue
@@ -260,9 +317,14 @@ def freeze_optimizer(model: nnx.Module, optimizer: nnx.Optimizer,
           f'{validation.shape_dtype(value)[0]}. Run surgery hooks to resize '
           'the state before changing the frozen set.'
       )
-    carried[key] = previous
-  write((model, new), {**fresh, **carried})
+    fresh[key] = previous
+  nnx.update(new, nnx.from_flat_state(
+      [(path, fresh[key]) for key, path, _ in _optimizer_items(new)]))
   return new
+
+
+def _optimizer_items_flat(optimizer: nnx.Optimizer) -> list[tuple[str, Any]]:
+  return [(key, value) for key, _, value in _optimizer_items(optimizer)]
 
 
 def flat_like(tree: Any) -> dict[str, Any]:

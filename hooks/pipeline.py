@@ -256,7 +256,9 @@ def restore(
     target = nnx_state.abstract(target)
   target_flat = nnx_state.flat_like(target)
   if reader.form == nnx_donor.FORM:  # No collections stored: the target's.
-    reader = nnx_donor.view(reader, select.nnx_reads(target_flat))
+    reader = nnx_donor.view(
+        reader, select.nnx_reads(target_flat),
+        skip=nnx_state.rng_paths(target) if nnx_target else ())
   if nnx_target:
     fresh = _nnx_fresh(fresh, target)
   structure = reader.structure()

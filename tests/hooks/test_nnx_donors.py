@@ -285,3 +285,25 @@ def test_fresh_must_give_what_the_state_is():
                      r'optimizer\), but the state is a model alone'):
     hooks.apply(model, [{'name': 'reinit', 'patterns': ['head/.*']}],
                 rng=RNG, fresh=_nnx)
+
+
+def test_flax_guide_checkpoint_with_rng_state_restores_into_its_model(
+    tmp_path):
+  """A model with a Dropout's ``Rngs``, saved as the Flax NNX guide saves
+  it; restoring it into the same model leaves the target's RNG state (which
+  the flat view does not hold) alone, and reads none of the donor's."""
+  model, optimizer = donor = _nnx(seed=1, step=5, offset=0.5)
+  model.dropout = nnx.Dropout(0.1, rngs=nnx.Rngs(dropout=1))
+  path = _save_standard(str(tmp_path / 'nnx'), {
+      'model': nnx.state(model), 'optimizer': nnx.state(optimizer)})
+  assert 'model/dropout/rngs/key/value' in hooks.open_donor(path).structure()
+  target_model, _ = target = _nnx()
+  target_model.dropout = nnx.Dropout(0.1, rngs=nnx.Rngs(dropout=7))
+  key_before = np.asarray(jax.random.key_data(
+      target_model.dropout.rngs.key[...]))
+  _, report = hooks.restore(path, target, rng=RNG)
+  _check_all_copied(_host(nnx_state.flatten(target)),
+                    _host(nnx_state.flatten(donor)), step_dtype=np.uint32)
+  np.testing.assert_array_equal(
+      jax.random.key_data(target_model.dropout.rngs.key[...]), key_before)
+  assert not [k for k in report.sources[0]['keys_read'] if 'rngs' in k]

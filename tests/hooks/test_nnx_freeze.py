@@ -13,6 +13,7 @@ import functools
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import hooks
@@ -179,3 +180,40 @@ def test_per_element_adam_counts_give_newly_unfrozen_params_no_kick():
   change, counts = _first_update_after_unfreezing(OPTAX_ADAM)
   assert change > 2.0, change
   np.testing.assert_array_equal(counts['opt_state/0/count'], 1001)
+
+
+class _LoRANet(nnx.Module):
+  """A LoRA layer trained through its adapters only (``wrt=nnx.LoRAParam``)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.Dense_0 = nnx.LoRA(3, 2, 4, rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+
+def _mu_keys(state) -> list[str]:
+  return sorted(k for k in nnx_state.flatten(state)
+                if k.startswith('opt_state/0/mu/'))
+
+
+def test_freezing_keeps_what_the_optimizer_trains_and_unfreezing_returns_to_it():
+  model = _LoRANet(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, hooks.optim.adam(1e-3), wrt=nnx.LoRAParam)
+  assert _mu_keys((model, optimizer)) == ['opt_state/0/mu/Dense_0/lora_a',
+                                          'opt_state/0/mu/Dense_0/lora_b']
+  _, frozen = hooks.freeze_state((model, optimizer), ['Dense_0/lora_a'])
+  # The head (an nnx.Param, not trained by this optimizer) stays untrained.
+  assert _mu_keys((model, frozen)) == ['opt_state/0/mu/Dense_0/lora_b']
+  _, unfrozen = hooks.freeze_state((model, frozen), [])
+  assert unfrozen.wrt is nnx.LoRAParam
+  assert _mu_keys((model, unfrozen)) == _mu_keys((model, optimizer))
+
+
+def test_a_model_and_optimizer_is_viewed_once_and_freeze_state_asks_for_the_pair():
+  model = _LoRANet(nnx.Rngs(0))
+  both = nnx.ModelAndOptimizer(model, optax.sgd(0.1, momentum=0.9))
+  flat = nnx_state.flatten(both)
+  assert 'params/head/kernel' in flat and 'step' in flat
+  assert not [k for k in flat if k.startswith('model/')]
+  with pytest.raises(ValueError, match=r'pass \(model, nnx.Optimizer\), not '
+                     'a ModelAndOptimizer alone'):
+    hooks.freeze_state(both, ['head/.*'])
