@@ -17,7 +17,10 @@ is ``apply`` run abstractly (nothing read or allocated). In any loop, on a
   state = hooks.freeze_state(state, ['Conv_0/.*'])   # tx and slots agree
 """
 
+from hooks import nnx_freeze
+from hooks import nnx_state
 from hooks import optim
+from hooks import views
 from hooks.api import apply_leaf
 from hooks.api import Context
 from hooks.api import HookError
@@ -33,7 +36,6 @@ from hooks.flat import unflatten
 from hooks.freeze import carry_opt_state
 from hooks.freeze import freeze
 from hooks.freeze import freeze_state
-from hooks import nnx_state
 from hooks.freeze import FrozenTransformation
 from hooks.freeze import stop_frozen_gradients
 from hooks.pipeline import apply
@@ -92,6 +94,7 @@ __all__ = [
     'get',
     'match_keys',
     'names',
+    'nnx_freeze',
     'nnx_state',
     'open_donor',
     'optim',
@@ -103,4 +106,5 @@ __all__ = [
     'slot_index',
     'stop_frozen_gradients',
     'unflatten',
+    'views',
 ]

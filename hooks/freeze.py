@@ -1,14 +1,13 @@
-"""Freezing params through the optimizer, and schedules of frozen sets.
+"""Freezing params through the optimizer.
 
 Frozen params get ``optax.set_to_zero()`` updates and no optimizer slots:
 ``freeze`` wraps the optimizer in ``optax.partition`` with labels
 ``'trainable'`` and ``'frozen'``. Their gradients are then unused, and XLA
 drops the work that computes them; a loss function that passes its params
 through ``stop_frozen_gradients`` does not differentiate frozen layers at all
-(they run as plain inference, which XLA compiles tighter). When the frozen
-set changes, the new optimizer state is built fresh and every slot that
-still exists is carried over by key (``carry_opt_state``); in a plain loop,
-``freeze_state(state, patterns)`` does both in one call.
+(plain inference, which XLA compiles tighter). When the frozen set changes,
+the new optimizer state is built fresh and every slot that still exists is
+carried over by key (``carry_opt_state``); ``freeze_state`` does both.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import numpy as np
 import optax
 
 from hooks import flat as flat_lib
+from hooks import nnx_freeze
 from hooks import nnx_state
 from hooks import validation
 
@@ -227,10 +227,7 @@ def freeze_state(state: Any, patterns: Sequence[str]) -> Any:
   everything), and the new ``opt_state`` carries every leaf of the old one
   by key (``carry_opt_state``): slots that surgery edited stay as they are,
   params that become frozen lose their slots, and params that become
-  trainable get fresh ones.
-
-  An NNX ``(model, optimizer)`` gets a new ``nnx.Optimizer`` whose ``wrt``
-  leaves the frozen params out (``nnx_state.freeze_optimizer``).
+  trainable get fresh ones. An NNX state: ``nnx_freeze.freeze_state``.
 
   Args:
     state: A ``flax.training.train_state.TrainState`` or a subclass, or an
@@ -246,12 +243,7 @@ def freeze_state(state: Any, patterns: Sequence[str]) -> Any:
       would be frozen, or if a slot's shape differs from the new state's.
   """
   if nnx_state.is_nnx(state):
-    if not isinstance(state, tuple):
-      raise ValueError(
-          'freeze_state needs the optimizer: pass (model, nnx.Optimizer), '
-          f'not a {type(state).__name__} alone.')
-    model, optimizer = state
-    return model, nnx_state.freeze_optimizer(model, optimizer, patterns)
+    return nnx_freeze.freeze_state(state, patterns)
   tx = freeze(state.tx, state.params, patterns)
   opt_state = carry_opt_state(flat_lib.flatten(state.opt_state), tx,
                               state.params)

@@ -19,12 +19,11 @@ import numpy as np
 
 from hooks import api
 from hooks import copy_plan
-from hooks import flat as flat_lib
 from hooks import nnx_donor
-from hooks import nnx_state
 from hooks import report as report_lib
 from hooks import select
 from hooks import validation
+from hooks import views
 from hooks.runner import Entry
 from hooks.runner import is_abstract
 from hooks.runner import run_flat
@@ -64,12 +63,6 @@ def _place(flat: Flat, like: Mapping[str, Any], *, default: bool = False
   if keys:
     out.update(zip(keys, jax.device_put(values, shardings)))
   return out
-
-
-def _abstract(tree: Any) -> Any:
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(*validation.shape_dtype(x),
-                                     sharding=_sharding(x)), tree)
 
 
 def apply(
@@ -117,54 +110,18 @@ def apply(
     StructureError: If a hook changes the state's keys, shapes or dtypes.
     ValueError, UnknownHookError: If an entry cannot be built.
   """
-  if nnx_state.is_nnx(state):
-    return _apply_nnx(state, entries, rng=rng, fresh=fresh, sources=sources,
-                      dry_run=dry_run)
-  flat = flat_lib.flatten(state)
+  view = views.of(state)
+  flat = view.flatten(state)
   abstract = dry_run or is_abstract(flat)
   if abstract:
-    flat = flat_lib.flatten(_abstract(state))
+    state = view.abstract(state)  # A dry run leaves the state alone.
+    flat = view.flatten(state)
   result, report = run_flat(
       flat, entries, expected=validation.expected_structure(flat), rng=rng,
-      fresh=fresh, sources=sources, validate_each=True)
+      fresh=view.fresh(fresh, state), sources=sources, validate_each=True)
   if not abstract:
     result = _place(result, flat)
-  return flat_lib.unflatten(result, state), report
-
-
-def _nnx_fresh(fresh: Callable[[], Any] | None, like: Any
-               ) -> Callable[[], Flat] | None:
-  """``fresh`` as a flat view; it must give what ``like`` is."""
-  if fresh is None:
-    return None
-
-  def flat() -> Flat:
-    state = fresh()
-    if isinstance(state, tuple) != isinstance(like, tuple):
-      what = {True: '(model, optimizer)', False: 'a model alone'}
-      raise ValueError(
-          f'fresh() returned {what[isinstance(state, tuple)]}, but the state '
-          f'is {what[isinstance(like, tuple)]}: return the same kind.')
-    return nnx_state.flatten(state)
-
-  return flat
-
-
-def _apply_nnx(state: State, entries: Sequence[Entry], *, rng: jax.Array,
-               fresh: Callable[[], State] | None, sources: Sources | None,
-               dry_run: bool) -> tuple[State, report_lib.Report]:
-  """``apply`` on an NNX model or ``(model, optimizer)``: see ``nnx_state``."""
-  flat = nnx_state.flatten(state)
-  abstract = dry_run or is_abstract(flat)
-  if abstract:
-    state = nnx_state.abstract(state)  # A dry run leaves the state alone.
-    flat = nnx_state.flatten(state)
-  result, report = run_flat(
-      flat, entries, expected=validation.expected_structure(flat), rng=rng,
-      fresh=_nnx_fresh(fresh, state), sources=sources, validate_each=True)
-  if not abstract:
-    result = _place(result, flat)
-  return nnx_state.write(state, result), report
+  return view.write(state, result), report
 
 
 def plan(state: Any, entries: Sequence[Entry], *, rng: jax.Array,
@@ -251,16 +208,14 @@ def restore(
   else:
     reader = checkpoint
   opened = reader
-  nnx_target = nnx_state.is_nnx(target)
-  if nnx_target and dry_run:
-    target = nnx_state.abstract(target)
-  target_flat = nnx_state.flat_like(target)
+  view = views.of(target)
+  if dry_run:
+    target = view.abstract(target)
+  target_flat = view.flatten(target)
   if reader.form == nnx_donor.FORM:  # No collections stored: the target's.
-    reader = nnx_donor.view(
-        reader, select.nnx_reads(target_flat),
-        skip=nnx_state.rng_paths(target) if nnx_target else ())
-  if nnx_target:
-    fresh = _nnx_fresh(fresh, target)
+    reader = nnx_donor.view(reader, select.nnx_reads(target_flat),
+                            skip=view.rng_paths(target))
+  fresh = view.fresh(fresh, target)
   structure = reader.structure()
   flat = dict(structure) if dry_run else reader.read(list(structure))
   flat = _step_as(flat, target_flat)
@@ -277,6 +232,4 @@ def restore(
   if opened not in sources.readers():
     report.add_source(reader.provenance())
   logging.debug('Restored %s through %d hooks.', reader.path, len(entries))
-  if nnx_target:
-    return nnx_state.write(target, result), report
-  return flat_lib.unflatten(result, target), report
+  return view.write(target, result), report

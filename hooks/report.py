@@ -203,24 +203,18 @@ class Report:
                for actions in self._actions.values() for a in actions)
 
   def table(self) -> str:
-    """Returns an aligned table (key, shape, action), totals, sources, notes.
-
-    When nothing changed, one line says so instead of the table and totals.
-    """
+    """An aligned table (key, shape, action) and totals, or one line when
+    nothing changed; then the sources and the notes."""
     if self.changed():
       lines = self._rows()
     else:
       lines = [f'nothing changed: all {len(self._actions)} params and '
                'optimizer slots unchanged']
     for source in self._sources:
-      step = source.get('step')
-      lines.append(
-          f'source: {source.get("path")} ({source.get("form")}'
-          + (f', step {step}' if step is not None else '')
-          # A plan reads nothing: no hash of it to show.
-          + (f'), sha256 {source.get("sha256")}'
-             if source.get('keys_read', True) else '), nothing read')
-      )
+      step, sha = source.get('step'), source.get('sha256')  # No read: None.
+      lines.append(f'source: {source.get("path")} ({source.get("form")}'
+                   + (f', step {step}' if step is not None else '')
+                   + (f'), sha256 {sha}' if sha else '), nothing read'))
     lines.extend(self._notes)
     return '\n'.join(lines)
 

@@ -22,8 +22,7 @@ from hooks import nnx_donor
 from hooks import validation
 
 __all__ = ['Options', 'check_donor', 'choice', 'donor_keys', 'donor_prefix',
-           'nnx_reads',
-           'model_keys', 'open_source', 'options', 'split']
+           'model_keys', 'nnx_reads', 'open_source', 'options', 'split']
 
 SHAPE_POLICIES = ('error', 'skip', 'overlap')
 DTYPE_POLICIES = ('error', 'cast')
@@ -39,12 +38,8 @@ def choice(hook: str, name: str, value: Any, allowed: Sequence[str]) -> str:
 def open_source(ctx: api.Context, donor: str, item: str | None,
                 donor_step: int | None, opts: Options | None = None
                 ) -> api.DonorReader:
-  """The run's reader of ``donor`` (opened once per run by ``ctx.source``).
-
-  An ``nnx.state`` checkpoint (``nnx_donor.FORM``) stores no collections: it
-  is read under the names of the target keys (``ctx.expected``) that read
-  its variables, through ``opts``'s selection and rename rules (default:
-  every model variable, by its own path); see ``hooks.nnx_donor``.
+  """The run's reader of ``donor`` (opened once per run by ``ctx.source``);
+  an ``nnx.state`` checkpoint under the target's names (``nnx_reads``).
 
   Raises:
     DonorError: If the donor cannot be read, or the target reads one NNX
@@ -75,7 +70,7 @@ def nnx_reads(expected: Mapping[str, Any], opts: Options | None = None
   for key in keys:
     path = split(key)[1]
     if opts:
-      path = _donor_path(path, opts, [False] * len(opts.rules))[0]
+      path = _donor_path(path, opts)[0]
     reads.setdefault(path, []).append(key)
   return reads
 
@@ -166,11 +161,12 @@ def model_keys(flat: Mapping[str, Any]) -> list[str]:
 def donor_prefix(collection: str, structure: Mapping[str, Any]) -> str:
   """Where a donor keeps a collection: a TrainState or variables dict keeps
   it under its name, a ``flax.optim`` file keeps params under ``target/``,
-  bare params have no prefix."""
-  if collection != 'params' or any(k.startswith('params/') for k in structure):
+  and bare variables (params alone, or ``nnx.state(model).to_pure_dict()``
+  with its batch statistics beside them) have no prefix."""
+  if not collection or any(k.startswith(f'{collection}/') for k in structure):
     return f'{collection}/' if collection else ''
-  if any(k.startswith('target/') for k in structure):
-    return 'target/'
+  if any(k.startswith(('params/', 'target/')) for k in structure):
+    return 'target/' if collection == 'params' else f'{collection}/'
   return ''
 
 
@@ -195,12 +191,13 @@ def _select(flat: Mapping[str, Any], opts: Options
           and split(k)[1] not in dropped], errors
 
 
-def _donor_path(path: str, opts: Options, used: list[bool]
+def _donor_path(path: str, opts: Options, used: list[bool] | None = None
                 ) -> tuple[str, str]:
   for i, (pattern, template, policy) in enumerate(opts.rules):
     match = re.fullmatch(pattern, path)
     if match:
-      used[i] = True
+      if used is not None:
+        used[i] = True
       return match.expand(template), policy
   return path, opts.on_shape_mismatch
 

@@ -102,6 +102,12 @@ class StructureError(ValueError):
     return '\n'.join(lines)
 
 
+def abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
+  """``leaf``'s shape, dtype and sharding (if it has one), nothing else."""
+  return jax.ShapeDtypeStruct(*shape_dtype(leaf),
+                              sharding=getattr(leaf, 'sharding', None))
+
+
 def shape_dtype(leaf: Any) -> tuple[tuple[int, ...], Any]:
   """Returns ``(shape, dtype)`` of a leaf as ``leaf_struct`` gives them.
 

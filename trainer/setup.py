@@ -23,7 +23,7 @@ uint32), one dtype for both APIs, so either run's checkpoint restores into
 the other's state as it is (hooks that copy a step into an `nnx.Optimizer`
 carry its value); and config.freeze freezes through the optimizer
 (`hooks.freeze`'s partition) for both APIs, so a frozen run's slots are
-those of `nnx.Optimizer(wrt=hooks.nnx_state.freeze_filter(...))` one level
+those of `nnx.Optimizer(wrt=hooks.nnx_freeze.freeze_filter(...))` one level
 down (`opt_state/inner_states/trainable/inner_state/...`), as in a Linen
 run; hooks match slots by param path either way.
 """

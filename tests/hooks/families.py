@@ -35,6 +35,7 @@ from flax.training import train_state
 from hooks import flat as flat_lib
 from hooks import nnx_state
 from hooks import optim
+from hooks import views
 from tests.hooks import helpers
 from tests.hooks import models
 
@@ -269,7 +270,7 @@ def perturbed(state: Any, seed: int, step: int) -> Any:
     value = rng.standard_normal(np.shape(x)).astype(dtype)
     return np.abs(value) if '/nu/' in key else value
 
-  flat = {k: leaf(k, v) for k, v in nnx_state.flat_like(state).items()}
+  flat = {k: leaf(k, v) for k, v in views.flatten(state).items()}
   if nnx_state.is_nnx(state):
     return nnx_state.write(copy(state), jax.device_put(flat))
   return jax.device_put(flat_lib.unflatten(flat, state))

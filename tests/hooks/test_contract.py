@@ -39,6 +39,7 @@ import hooks
 from hooks import flat as flat_lib
 from hooks import nnx_state
 from hooks import validation
+from hooks import views
 from tests.hooks import families
 from tests.hooks import helpers
 from tests.hooks import nnx_families
@@ -285,7 +286,7 @@ def _states(family: str, opt: str) -> tuple[Any, Any, Any]:
 @functools.lru_cache(maxsize=None)
 def _flats(family: str, opt: str) -> tuple[dict[str, Any], ...]:
   """The flat views of ``_states(family, opt)`` (read only)."""
-  return tuple(nnx_state.flat_like(s) for s in _states(family, opt))
+  return tuple(views.flatten(s) for s in _states(family, opt))
 
 
 @functools.lru_cache(maxsize=None)
@@ -440,7 +441,7 @@ def test_hook_contract(family, opt, name, mode, donors):
     inputs.append(flat)
     return out
 
-  flat_like = nnx_state.flat_like
+  flat_like = views.flatten
   if mode == 'abstract':
     start = _abstract(family, opt)
   else:

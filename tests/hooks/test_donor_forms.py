@@ -14,6 +14,7 @@ import os
 
 import flax
 import flax.serialization
+from flax import nnx
 from flax.training import checkpoints as flax_checkpoints
 import jax
 import numpy as np
@@ -21,8 +22,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 import hooks
+from hooks import nnx_state
 from tests.hooks import checkpoints
 from tests.hooks import models
+from tests.hooks import nnx_families
 
 DONOR_CLASSES = [0, 1, 2, 3, 4]
 TARGET_CLASSES = list(range(10))
@@ -111,6 +114,49 @@ def _save_trainer_workdir(path, state):
   return checkpoints.save_orbax(path, state), {}
 
 
+def _nnx_of(state):
+  """The donor written in NNX: ``nnx_families.BNNet`` and its optimizer."""
+  model = nnx_families.BNNet(5, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+  flat = dict(hooks.flatten(state))
+  flat['step'] = np.uint32(flat['step'])
+  nnx_state.write((model, optimizer), flat)
+  return model, optimizer
+
+
+def _save_nnx_model_state(path, state):
+  """``nnx.state(model)`` with a StandardCheckpointer (Flax's NNX guide)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, nnx.state(_nnx_of(state)[0]))
+  return path, {}
+
+
+def _save_nnx_pure_dict(path, state):
+  """``nnx.state(model).to_pure_dict()`` (the guide's plain-dict form)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, nnx.state(_nnx_of(state)[0]).to_pure_dict())
+  return path, {}
+
+
+def _save_nnx_model_and_optimizer(path, state):
+  """``{'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}``."""
+  model, optimizer = _nnx_of(state)
+  with ocp.CheckpointManager(path) as manager:
+    manager.save(7, args=ocp.args.StandardSave(
+        {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}))
+  return path, {}
+
+
+def _save_nnx_composite(path, state):
+  """Model and optimizer as two CheckpointManager items; ``item=`` picks."""
+  model, optimizer = _nnx_of(state)
+  with ocp.CheckpointManager(path) as manager:
+    manager.save(7, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(nnx.state(model)),
+        optimizer=ocp.args.StandardSave(nnx.state(optimizer))))
+  return path, {'item': 'model'}
+
+
 # Form -> (saver, whether the form carries optimizer slots).
 FORMS = {
     'CheckpointManager StandardSave default item': (_save_manager_default, True),
@@ -124,6 +170,13 @@ FORMS = {
     'TrainState msgpack': (_save_train_state_msgpack, True),
     'variables msgpack': (_save_variables_msgpack, False),
     'this trainer\'s workdir': (_save_trainer_workdir, True),
+    'NNX nnx.state(model), StandardCheckpointer': (_save_nnx_model_state,
+                                                   False),
+    'NNX to_pure_dict()': (_save_nnx_pure_dict, False),
+    'NNX model and optimizer states, CheckpointManager': (
+        _save_nnx_model_and_optimizer, True),
+    'NNX Composite(model=, optimizer=), item=model': (_save_nnx_composite,
+                                                       False),
 }
 
 

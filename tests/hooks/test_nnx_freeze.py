@@ -1,7 +1,7 @@
 """Freezing NNX params: ``nnx.Optimizer(wrt=...)`` from the freeze regexes.
 
 The NNX counterpart of ``test_freeze.py``: the optimizer's ``wrt`` and the
-gradient's ``nnx.DiffState`` come from ``hooks.nnx_state.freeze_filter``, so
+gradient's ``nnx.DiffState`` come from ``hooks.nnx_freeze.freeze_filter``, so
 frozen params get no slots and no gradient; ``hooks.freeze_state((model,
 optimizer), patterns)`` changes the frozen set, carrying slots by key.
 """
@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import hooks
+from hooks import nnx_freeze
 from hooks import nnx_state
 from tests.hooks import helpers
 from tests.hooks import nnx_families
@@ -58,7 +59,7 @@ def _model() -> nnx_families.TinyCNN:
 
 @functools.lru_cache(maxsize=None)
 def _wrt(patterns: tuple[str, ...]):
-  return nnx_state.freeze_filter(_model(), patterns)
+  return nnx_freeze.freeze_filter(_model(), patterns)
 
 
 def _frozen_state(tx: optax.GradientTransformation, patterns: tuple[str, ...]):

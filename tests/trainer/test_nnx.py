@@ -16,6 +16,7 @@ import pytest
 
 from configs import tiny
 import hooks
+from hooks import nnx_freeze
 from hooks import nnx_state
 from tests.trainer import runs
 from trainer import inspect
@@ -95,7 +96,7 @@ def test_frozen_params_have_no_slots_as_with_an_nnx_freeze(tmp_path):
   state = setup_lib.initial_state(setup)
   model = state.apply_fn.model(state.params)
   optimizer = nnx.Optimizer(
-      model, setup.tx, wrt=nnx_state.freeze_filter(model, ['Conv_.*']))
+      model, setup.tx, wrt=nnx_freeze.freeze_filter(model, ['Conv_.*']))
   # The trainer freezes through hooks.freeze's partition for both APIs; the
   # slots are an nnx.Optimizer(wrt=...)'s, one partition level down.
   keys = {re.sub('inner_states/trainable/inner_state/', '', k)
