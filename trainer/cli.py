@@ -11,9 +11,10 @@ in this order (docs/config.md, "Hooks on the command line"):
 3. `--config.hooks.PHASE[I].FIELD=VALUE` sets one field of entry I (which may
    be one that --hook appended).
 
-Values are Python literals; JSON's `true`, `false` and `null` are refused
-with the fix, since ml_collections would keep a value holding them as a
-string. The entries then go through the same checks as a config file's
+Values are Python literals; JSON's `true`, `false` and `null` inside a
+list or dict are refused with the fix, since ml_collections would keep a
+value holding them as a string (a lone `true`/`false` in a
+`[I].FIELD=VALUE` override is absl's spelling of a bool and accepted). The entries then go through the same checks as a config file's
 (trainer.setup, hooks.build).
 """
 

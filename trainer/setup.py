@@ -280,8 +280,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
           f'config.batch_size={config.batch_size} is larger than the train '
           f'split ({data.train.size} examples); use a smaller batch.')
   loop = schedule(config, data.train.size if data else 0)
-  model = models.build(config.model.name, validation.num_classes(config),
-                       config.model.api)
+  try:
+    model = models.build(config.model.name, validation.num_classes(config),
+                         config.model.api)
+  except ValueError as e:  # An NNX model holding non-param state.
+    raise ConfigError(f'config.model.name={config.model.name!r}: {e}') from e
   setup = Setup(
       workdir=workdir, stored_config=resolved, seed=config.seed,
       classes=tuple(int(c) for c in config.classes),

@@ -83,18 +83,6 @@ def _progress_bar(setting: str, total: int, initial: int) -> Any:
   return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
 
 
-def enable_compilation_cache(path: str) -> None:
-  """Turns on JAX's persistent compilation cache in `path`, for every compile.
-
-  The thresholds are lowered to zero: the CNN's steps compile in about a
-  second on a CPU, below JAX's default minimum for caching.
-  """
-  jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  logging.info('Persistent compilation cache in %s.', path)
-
-
 class _MetricWriter:
   """clu's default metric writer (TensorBoard events), created when opened.
 
@@ -197,8 +185,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   run = run_lib.Run.prepare(config, workdir)
   setup = run.setup
-  if setup.compilation_cache_dir:
-    enable_compilation_cache(setup.compilation_cache_dir)
   start = run.start()
   if start.resumed and setup.resume_step is not None:
     checkpoint.set_aside(setup.workdir, after=start.step)

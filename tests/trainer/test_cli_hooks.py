@@ -26,8 +26,7 @@ from trainer import checkpoint
 from trainer import cli
 from trainer import inspect
 from trainer import plan
-from trainer import setup as setup_lib
-from trainer import steps
+from trainer.run import Run
 from trainer.__main__ import main
 
 CONFIGS = os.path.join(runs.REPO, 'configs')
@@ -210,15 +209,13 @@ def test_legacy_adam_migration_from_the_command_line(tmp_path, capsys):
 
   # One more step of the trainer's own step on the fixture's batch gives
   # the fixture's reference params.
-  setup = setup_lib.prepare(cli.parse_flags(['trainer', *args]).config,
-                            workdir, load_data=False)
-  state = checkpoint.restore(setup_lib.abstract_state(setup, 20),
-                             checkpoint.directory(workdir), 20)
+  run = Run.prepare(cli.parse_flags(['trainer', *args]).config, workdir,
+                    load_data=False)
   with open(os.path.join(FIXTURE, 'reference_next_step.msgpack'), 'rb') as f:
     reference = flax.serialization.msgpack_restore(f.read())
-  batch = {k: jax.device_put(v, setup.topology.replicated)
+  batch = {k: jax.device_put(v, run.setup.topology.replicated)
            for k, v in reference['batch'].items()}
-  after, _ = jax.jit(steps.train_step)(state, batch)
+  after, _ = run.train_step(run.restore(20), run.empty_metrics(), batch)
   expected = hooks.flatten(reference['params_after_one_more_step'])
   got = _flat_params(after)
   assert sorted(got) == sorted(expected)
@@ -230,8 +227,8 @@ def test_legacy_adam_migration_from_the_command_line(tmp_path, capsys):
 def test_custom_hook_from_the_command_line(scaled_run, tmp_path):
   workdir, out = scaled_run
   config = _config('--config.num_train_steps=1', FIVE)
-  fresh = _flat_params(setup_lib.initial_state(
-      setup_lib.prepare(config, str(tmp_path), load_data=False)))
+  fresh = _flat_params(
+      Run.prepare(config, str(tmp_path), load_data=False).fresh_state())
   got = runs.final_state(workdir, step=0)
   for key, factor in (('Dense_1/kernel', 2.0), ('Dense_0/kernel', 0.5),
                       ('Conv_0/kernel', 1.0)):

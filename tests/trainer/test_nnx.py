@@ -106,7 +106,7 @@ def test_frozen_params_have_no_slots_as_with_an_nnx_freeze(tmp_path):
 
 
 def test_steps_lower_to_the_linen_programs(tmp_path):
-  # The same program, so the same step time (benchmarks/nnx.py measures it).
+  # The same program, so the same step time (benchmarks/nnx_step.py measures it).
   batch = {'image': jax.ShapeDtypeStruct((32, 28, 28, 1), np.float32),
            'label': jax.ShapeDtypeStruct((32,), np.int32)}
   totals = jax.eval_shape(steps.TrainMetrics.empty)
