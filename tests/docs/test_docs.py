@@ -8,13 +8,13 @@ import pytest
 
 from configs import default
 from hooks import registry
+from tests import legacy as legacy_lib
 from tests.docs import mdblocks
 from trainer import resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
-LEGACY = os.path.join(os.path.dirname(REPO), 'shared', 'fixtures',
-                      'legacy_flax_optim', 'adam', 'checkpoint_20')
+LEGACY = legacy_lib.CHECKPOINT
 
 
 @pytest.mark.parametrize('doc', ['docs/surgery.md', 'docs/hooks.md',

@@ -21,6 +21,7 @@ import pytest
 
 import hooks
 from hooks import flat as flat_lib
+from tests import legacy as legacy_lib
 from tests.hooks import checkpoints
 from tests.hooks import helpers
 from tests.hooks import models
@@ -33,11 +34,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 KEYS = ['params/head/kernel', 'batch_stats/BatchNorm_0/var',
         'opt_state/0/mu/Conv_0/kernel', 'step']
-# shared/ sits beside the repository root, in CI as here.
-LEGACY = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))),
-    'shared', 'fixtures', 'legacy_flax_optim', 'adam', 'checkpoint_20')
+LEGACY = legacy_lib.CHECKPOINT
 
 
 def _distinct(tree, offset: float):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import os
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +17,10 @@ from hooks import api
 from hooks import flat as flat_lib
 from hooks import optim
 from hooks import validation
+from tests import legacy as legacy_lib
 from tests.hooks import checkpoints
 from tests.hooks import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURE = os.path.join(REPO, '..', 'shared', 'fixtures', 'legacy_flax_optim')
 
 
 class SeedCNN(nn.Module):
@@ -58,17 +55,10 @@ def _migrate(legacy_flat, target_state, abstract=False):
       fresh=lambda: dict(target), validate_each=False)
 
 
-def _read_msgpack(path):
-  with open(path, 'rb') as f:
-    return flat_lib.flatten_raw(flax.serialization.msgpack_restore(f.read()))
-
-
 def test_adam_fixture_reproduces_the_next_step():
-  if not os.path.isdir(FIXTURE):
-    pytest.skip(f'legacy flax.optim fixture not found at {os.path.normpath(FIXTURE)}')
-  legacy = _read_msgpack(os.path.join(FIXTURE, 'adam', 'checkpoint_20'))
-  reference = flax.serialization.msgpack_restore(
-      open(os.path.join(FIXTURE, 'adam', 'reference_next_step.msgpack'), 'rb').read())
+  legacy_lib.require()
+  legacy = flat_lib.flatten_raw(legacy_lib.read(legacy_lib.CHECKPOINT))
+  reference = legacy_lib.reference()
   model = SeedCNN()
   params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 28, 28, 1)))['params']
   tx = optax.inject_hyperparams(optim.adam)(
@@ -89,11 +79,7 @@ def test_adam_fixture_reproduces_the_next_step():
   migrated = flat_lib.unflatten(out, state)
   batch = reference['batch']
   after = _step(migrated, jnp.asarray(batch['image']), jnp.asarray(batch['label']))
-  expected = flat_lib.flatten(reference['params_after_one_more_step'])
-  got = flat_lib.flatten(after.params)
-  assert got.keys() == expected.keys()
-  for key in expected:
-    np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  legacy_lib.assert_next_step(flat_lib.flatten(after.params))
 
 
 def _legacy_momentum(params, momentum, step):

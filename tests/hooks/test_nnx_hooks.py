@@ -7,10 +7,8 @@ flat view the hooks edit, so a wrong write shows.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,13 +21,11 @@ from flax import traverse_util
 import hooks
 from hooks import flat as flat_lib
 from hooks import nnx_state
+from tests import legacy as legacy_lib
 from tests.hooks import families
 from tests.hooks import nnx_families
 
 RNG = jax.random.key(0)
-FIXTURE = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared',
-    'fixtures', 'legacy_flax_optim')
 
 
 def _v(variable: Any) -> np.ndarray:
@@ -303,19 +299,11 @@ def _step(model: SeedCNN, opt: nnx.Optimizer, images: jax.Array,
   opt.update(model, nnx.grad(nll)(model))
 
 
-def _msgpack(path: str) -> Any:
-  with open(path, 'rb') as f:
-    return flax.serialization.msgpack_restore(f.read())
-
-
 def test_migrate_flax_optim_into_an_nnx_optimizer_reproduces_the_next_step():
-  if not os.path.isdir(FIXTURE):
-    pytest.skip(f'legacy flax.optim fixture not found at '
-                f'{os.path.normpath(FIXTURE)}')
-  checkpoint = os.path.join(FIXTURE, 'adam', 'checkpoint_20')
-  legacy = flat_lib.flatten_raw(_msgpack(checkpoint))
-  reference = _msgpack(os.path.join(FIXTURE, 'adam',
-                                    'reference_next_step.msgpack'))
+  legacy_lib.require()
+  checkpoint = legacy_lib.CHECKPOINT
+  legacy = flat_lib.flatten_raw(legacy_lib.read(checkpoint))
+  reference = legacy_lib.reference()
   # optimizer.json: flax.optim.Adam(1e-3, 0.9, 0.999, 1e-8) is optax.adam.
   tx = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
 
@@ -346,10 +334,6 @@ def test_migrate_flax_optim_into_an_nnx_optimizer_reproduces_the_next_step():
 
   batch = reference['batch']
   _step(model, opt, jnp.asarray(batch['image']), jnp.asarray(batch['label']))
-  expected = flat_lib.flatten(reference['params_after_one_more_step'])
-  got = {k.partition('/')[2]: v for k, v in nnx_state.flatten(model).items()}
-  assert got.keys() == expected.keys()
-  for key in expected:
-    np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7,
-                               err_msg=key)
+  legacy_lib.assert_next_step(
+      {k.partition('/')[2]: v for k, v in nnx_state.flatten(model).items()})
   assert int(opt.step[...]) == 21

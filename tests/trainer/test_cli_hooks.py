@@ -14,13 +14,13 @@ import warnings
 
 from absl import flags
 from absl import logging as absl_logging
-import flax.serialization
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
 import hooks
+from tests import legacy as legacy_lib
 from tests.trainer import runs
 from trainer import checkpoint
 from trainer import cli
@@ -31,9 +31,7 @@ from trainer.__main__ import main
 
 CONFIGS = os.path.join(runs.REPO, 'configs')
 TINY = os.path.join(CONFIGS, 'tiny.py')
-FIXTURE = os.path.join(os.path.dirname(runs.REPO), 'shared', 'fixtures',
-                       'legacy_flax_optim', 'adam')
-LEGACY = os.path.join(FIXTURE, 'checkpoint_20')
+LEGACY = legacy_lib.CHECKPOINT
 SCALE = 'tests.trainer.custom_hooks:scale'
 # Replace the (empty) list, append a second entry, then edit its factor.
 SCALE_FLAGS = [
@@ -171,8 +169,7 @@ def test_bad_hooks_on_the_command_line_fail_before_writing(
 
 
 def test_legacy_adam_migration_from_the_command_line(tmp_path, capsys):
-  if not os.path.exists(LEGACY):
-    pytest.skip(f'the legacy fixture is not at {LEGACY}')
+  legacy_lib.require()
   workdir = str(tmp_path / 'migrated')
   args = [f'--config={TINY}', f'--workdir={workdir}',
           f'--config.init_from={LEGACY}',
@@ -189,8 +186,7 @@ def test_legacy_adam_migration_from_the_command_line(tmp_path, capsys):
   assert LEGACY not in logs.getvalue()  # Named once: by the source line.
 
   # The restored state holds the legacy values, bit for bit.
-  with open(LEGACY, 'rb') as f:
-    legacy = hooks.flatten_raw(flax.serialization.msgpack_restore(f.read()))
+  legacy = hooks.flatten_raw(legacy_lib.read(LEGACY))
   got = runs.final_state(workdir, step=20)
   assert int(got['step']) == 20
   params = [k for k in legacy if k.startswith('target/')]
@@ -211,17 +207,11 @@ def test_legacy_adam_migration_from_the_command_line(tmp_path, capsys):
   # the fixture's reference params.
   run = Run.prepare(cli.parse_flags(['trainer', *args]).config, workdir,
                     load_data=False)
-  with open(os.path.join(FIXTURE, 'reference_next_step.msgpack'), 'rb') as f:
-    reference = flax.serialization.msgpack_restore(f.read())
+  reference = legacy_lib.reference()
   batch = {k: jax.device_put(v, run.setup.topology.replicated)
            for k, v in reference['batch'].items()}
   after, _ = run.train_step(run.restore(20), run.empty_metrics(), batch)
-  expected = hooks.flatten(reference['params_after_one_more_step'])
-  got = _flat_params(after)
-  assert sorted(got) == sorted(expected)
-  for key, value in expected.items():
-    np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-7,
-                               err_msg=key)
+  legacy_lib.assert_next_step(_flat_params(after))
 
 
 def test_custom_hook_from_the_command_line(scaled_run, tmp_path):
@@ -242,8 +232,7 @@ def test_custom_hook_from_the_command_line(scaled_run, tmp_path):
 
 
 def test_ready_config_migrate_legacy(tmp_path, capsys):
-  if not os.path.exists(LEGACY):
-    pytest.skip(f'the legacy fixture is not at {LEGACY}')
+  legacy_lib.require()
   config = os.path.join(CONFIGS, 'migrate_legacy.py')
   workdir = tmp_path / 'run'
   assert plan.main(['plan', f'--config={config}', f'--workdir={workdir}']

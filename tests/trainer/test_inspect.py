@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 
+from tests import legacy as legacy_lib
 from tests.trainer import runs
 from trainer import inspect
 from trainer.__main__ import main
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
-LEGACY = os.path.join(os.path.dirname(runs.REPO), 'shared', 'fixtures',
-                      'legacy_flax_optim', 'adam', 'checkpoint_20')
+LEGACY = legacy_lib.CHECKPOINT
 
 
 def _golden(name):

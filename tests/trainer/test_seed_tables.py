@@ -14,13 +14,13 @@ import jax
 import pytest
 
 import hooks
+from tests import legacy as legacy_lib
 from tests.trainer import runs
 from trainer import models
 
 SHARED = os.path.join(os.path.dirname(runs.REPO), 'shared')
 SEED = os.path.join(SHARED, 'seeds', 'model_surgery.rst')
-LEGACY = os.path.join(SHARED, 'fixtures', 'legacy_flax_optim', 'adam',
-                      'checkpoint_20')
+LEGACY = legacy_lib.CHECKPOINT
 
 
 def _printed_flat_tables():

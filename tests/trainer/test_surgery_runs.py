@@ -10,6 +10,7 @@ import numpy as np
 import ml_collections
 import pytest
 
+from tests import legacy as legacy_lib
 from tests.trainer import runs
 from trainer import checkpoint
 from trainer import train
@@ -20,8 +21,7 @@ from trainer.errors import SurgeryError
 
 TINY = os.path.join(runs.REPO, 'configs', 'tiny.py')
 WARM = os.path.join(runs.REPO, 'configs', 'warm_start.py')
-LEGACY = os.path.join(os.path.dirname(runs.REPO), 'shared', 'fixtures',
-                      'legacy_flax_optim', 'adam', 'checkpoint_20')
+LEGACY = legacy_lib.CHECKPOINT
 
 
 def _tiny(**overrides):
