@@ -15,7 +15,7 @@ from typing import Any
 from benchmarks import common
 
 ALL = ('step', 'loop', 'freeze', 'surgery', 'donor', 'cold_start', 'guard',
-       'nnx_step')
+       'nnx_step', 'adam_state')
 BEFORE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'before.json')
 

@@ -42,10 +42,18 @@ class SeedCNN(nn.Module):
     return nn.log_softmax(x)
 
 
-def hand_step(model: nn.Module, tx: optax.GradientTransformation) -> Any:
-  """One jitted step over a donated carry (params, opt_state, sums)."""
+def hand_step(model: nn.Module, tx: optax.GradientTransformation,
+              compiler_options: dict[str, Any] | None = None) -> Any:
+  """One jitted step over a donated carry (params, opt_state, sums).
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  Args:
+    model: the module.
+    tx: the optimizer.
+    compiler_options: `jax.jit`'s; None: jax's defaults, as a user's loop.
+  """
+
+  @functools.partial(jax.jit, donate_argnums=(0,),
+                     compiler_options=compiler_options)
   def step(carry, images, labels):
     params, opt_state, loss_sum, correct = carry
 

@@ -47,6 +47,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = config_dict.placeholder(int)
   config.eval_batch_size = 500  # Global eval batch; the last one is padded.
 
+  # Devices: a mesh over every device of every process; batches split on data.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.axes = ('data', 'model')  # Mesh axis names; 'data' is required.
+  config.mesh.shape = (-1, 1)  # One size per axis; -1: the devices left over.
+  # (regex over param paths, PartitionSpec tuple), first full match wins;
+  # unmatched params replicated, slots follow their param. Python literal on
+  # the command line: "[('Dense_0/kernel', (None, 'model'))]".
+  config.partition_rules = config_dict.FieldReference((), field_type=object)
+
   # Logging, evaluation and checkpoints.
   config.log_every_steps = 50  # Train metrics are written this often.
   config.eval_every_steps = 310  # Full test-split evaluation this often.
@@ -58,6 +67,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.stop_on_nonfinite = True
   # Resume from this checkpoint step, not the latest (past a damaged one).
   config.resume_step = config_dict.placeholder(int)
+
+  # Compilation of the jitted steps (trainer/xla.py; README, "CPU speed").
+  config.xla = ml_collections.ConfigDict()
+  # 'auto' (Eigen convolutions on CPU) | 'eigen' | 'xla_default' (YNNPACK).
+  config.xla.cpu_convolutions = 'auto'
+  # Extra XLA options, {name: value}, for every step's jit; theirs win.
+  config.xla.compiler_options = config_dict.placeholder(object)
 
   # Surgery: hooks edit a flat '/'-keyed view of params and optimizer state.
   # A checkpoint to start from when the workdir has none of its own: another

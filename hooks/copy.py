@@ -22,6 +22,7 @@ from hooks import api
 from hooks import copy_plan
 from hooks import registry
 from hooks import select
+from hooks import shards
 from hooks import transfer
 from hooks import validation
 
@@ -76,9 +77,9 @@ def execute(plan: copy_plan.Plan, flat: dict, ctx: api.Context,
 
   Donor tensors are read a group at a time (up to ``_READ_BYTES``, or one
   tensor) and each group is placed before the next is read: the host holds
-  one group, not the whole selection. Device leaves are computed on their
-  devices (``transfer.apply_on_device``): no device value goes to the host.
-  Nothing is read in plan mode (``ctx.abstract``).
+  one group; a whole copy into a split leaf reads only this process's shards
+  (``hooks.shards``). Device leaves are computed on their devices: no device
+  value goes to the host. Nothing is read in plan mode (``ctx.abstract``).
 
   Returns:
     The new flat state.
@@ -95,9 +96,16 @@ def execute(plan: copy_plan.Plan, flat: dict, ctx: api.Context,
     if copy.transfer.target_shape != copy.transfer.source_shape:
       ctx.report.record(key, 'resized', from_shape=copy.transfer.source_shape,
                         shape=copy.transfer.target_shape)
+    if ctx.abstract and copy.transfer.target_shape != np.shape(flat[key]):
+      out[key] = jax.ShapeDtypeStruct(  # A count (hooks.counts) grew.
+          copy.transfer.target_shape, validation.shape_dtype(flat[key])[1])
   if not ctx.abstract:
     structure = reader.structure()
-    for group in _read_groups(sorted(targets), structure):
+    sharded = shards.read_shards(reader, targets, flat)  # Split leaves.
+    out.update(kv for placed in sharded.values() for kv in placed.items())
+    if note := shards.whole_reads_note(reader, sharded):
+      ctx.report.note(note)
+    for group in _read_groups(sorted(set(targets) - set(sharded)), structure):
       values = reader.read(group)
       placed = _transferred(
           (key, flat[key], t, values[donor_key])

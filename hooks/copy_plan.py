@@ -17,6 +17,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from hooks import counts as counts_lib
 from hooks import flat as flat_lib
 from hooks import labels as labels_lib
 from hooks import pairing
@@ -147,7 +148,7 @@ def plan_slots(flat: Mapping[str, Any], structure: Mapping[str, Any],
   donor param with the same optimizer path once ``optax.partition``'s
   ``inner_states/<label>/inner_state/`` is removed (so a frozen donor feeds
   an unfrozen target and back), with the param's transfer: the same label
-  entries, the same slices.
+  entries, the same slices (a count as ``hooks.counts`` says).
 
   Args:
     flat: The target flat state.
@@ -180,7 +181,8 @@ def plan_slots(flat: Mapping[str, Any], structure: Mapping[str, Any],
       donor_slot = donor_slots[kind]
       plan.check_dtype(slot, flat[slot], donor_slot, structure[donor_slot],
                        dtype_policy)
-      plan.copies[slot] = Copy(donor_slot, copy.transfer, copy.detail)
+      plan.copies[slot] = Copy(donor_slot, counts_lib.slot_transfer(
+          kind, copy.transfer, structure[donor_slot], flat[slot]), copy.detail)
   if missing:
     plan.errors.append(
         f'the donor lacks the slots of {len(missing)} target slot(s):\n'
@@ -190,9 +192,8 @@ def plan_slots(flat: Mapping[str, Any], structure: Mapping[str, Any],
 
 
 def _is_scalar_count(key: str, leaf: Any) -> bool:
-  return (key.startswith('opt_state/') and key.rsplit('/', 1)[-1] == 'count'
-          and tuple(np.shape(leaf)) == ()
-          and np.issubdtype(_dtype(leaf), np.integer))
+  return (key.startswith('opt_state/') and counts_lib.is_count(key)
+          and np.shape(leaf) == () and np.issubdtype(_dtype(leaf), np.integer))
 
 
 def plan_step(flat: Mapping[str, Any], structure: Mapping[str, Any]) -> Plan:

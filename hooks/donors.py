@@ -18,10 +18,11 @@
 - a file: flax msgpack (a TrainState, params, a legacy ``flax.optim``
   optimizer, flax's msgpack ``checkpoint_<n>``).
 
-Orbax forms restore only the leaves asked for (``hooks.orbax_donor``); msgpack
-files are decoded whole (``hooks.readers``). An orbax tree whose every key
-ends with ``/value`` is an ``nnx.state`` (form ``'orbax-nnx-state'``): copy
-hooks read it under the target's names (``hooks.nnx_donor``).
+Orbax forms read only the tensors asked for, or only the parts asked for
+(``hooks.orbax_donor``); msgpack files are decoded whole
+(``hooks.msgpack_donor``). An orbax tree whose every key ends with
+``/value`` is an ``nnx.state`` (form ``'orbax-nnx-state'``): copy hooks read
+it under the target's names (``hooks.nnx_donor``).
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from typing import Any
 from absl import logging
 
 from hooks import orbax_donor
+from hooks.msgpack_donor import MsgpackReader
 from hooks.orbax_donor import OrbaxReader
 from hooks.readers import damaged
 from hooks.readers import DonorError
 from hooks.readers import DonorReader
-from hooks.readers import MsgpackReader
 
 __all__ = ['DonorError', 'DonorReader', 'open_donor']
 

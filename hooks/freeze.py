@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import optax
 
+from hooks import counts
 from hooks import flat as flat_lib
 from hooks import nnx_freeze
 from hooks import nnx_state
@@ -183,7 +184,8 @@ def carry_opt_state(
   changes, or when freezing starts or ends). Leaves with no old
   counterpart (slots of newly trainable params) stay fresh: zeros, and with
   ``hooks.optim`` a count of 0, so they get no bias-correction kick. Scalar
-  leaves such as schedule counts are carried too.
+  leaves such as schedule counts are carried too, and counts that surgery
+  expanded keep their shape (``hooks.counts``).
 
   Args:
     old_flat_opt_state: ``flatten(state.opt_state)``, or ``flatten(state)``
@@ -195,7 +197,8 @@ def carry_opt_state(
     The new optimizer state; carried leaves are the old objects.
 
   Raises:
-    ValueError: If a carried leaf's shape differs from the fresh one.
+    ValueError: If a carried leaf's shape differs from the fresh one (other
+      than a count's).
   """
   old = {
       _PARTITION.sub('', k): v
@@ -203,18 +206,14 @@ def carry_opt_state(
   }
   new_state = new_tx.init(params)
   new_flat = flat_lib.flatten(new_state)
+  shapes = {p: np.shape(v) for p, v in flat_lib.flatten(params).items()}
   out = {}
   for key, fresh in new_flat.items():
     carried = old.get(_PARTITION.sub('', key))
     if carried is None:
       out[key] = fresh
       continue
-    if np.shape(carried) != np.shape(fresh):
-      raise ValueError(
-          f'Cannot carry optimizer leaf {key!r}: old shape '
-          f'{np.shape(carried)}, new {np.shape(fresh)}. Run surgery hooks to '
-          'resize the state before changing the frozen set.'
-      )
+    counts.check_carry(key, np.shape(carried), np.shape(fresh), shapes)
     out[key] = carried
   return flat_lib.unflatten(out, new_state)
 

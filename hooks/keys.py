@@ -78,18 +78,22 @@ def match_keys(
   compiled = [_compile(p) for p in patterns]
   keys = list(keys)
   matched: dict[str, int] = {}
-  used = [False] * len(compiled)
+  unused = set(range(len(compiled)))  # Patterns that matched no key yet.
   for key in keys:
     first = None
     for i, regex in enumerate(compiled):
       if regex.fullmatch(key):
-        used[i] = True
-        if first is None:
-          first = i
-    if first is not None:
-      matched[key] = first
-  if not allow_empty:
-    for pattern, was_used in zip(patterns, used):
-      if not was_used:
-        raise ValueError(_no_match_message(pattern, keys))
+        first = i
+        break
+    if first is None:
+      continue
+    matched[key] = first
+    if not allow_empty and unused:
+      # Past the first match, only whether an unused pattern matches is news.
+      unused.discard(first)
+      for j in [j for j in unused if j > first]:
+        if compiled[j].fullmatch(key):
+          unused.discard(j)
+  if not allow_empty and unused:
+    raise ValueError(_no_match_message(patterns[min(unused)], keys))
   return matched

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hooks import api
+from hooks import counts
 from hooks import flat as flat_lib
 from hooks import labels as labels_lib
 from hooks import pairing
@@ -114,14 +115,19 @@ def relabel(spec: labels_lib.LabelSpec, init: str, *, hook: str
       base = (_new_entries(flat[key], key, spec.axis, plan, fresh, init, hook)
               if new else 0)  # Every entry is incoming: no base shows.
       for target in (key, *slots.get(key, ())):
-        if target != key and new:  # Fresh slots: tx.init's (zeros, count 0).
+        moves = plan
+        if target != key and counts.is_count(
+            flat_lib.split_slot(target, key)):
+          base = 0  # New entries' count (fresh); it grows the edited axis.
+          moves = counts.plan(plan, np.shape(flat[target]))
+        elif target != key and new:  # Fresh slots: tx.init's zeros.
           base = fresh.get(target)
           if base is None or tuple(np.shape(base)) != plan.target_shape:
             base = 0
-        _apply(out, target, plan, base)
-        if plan.target_shape != plan.source_shape:
-          ctx.report.record(target, 'resized', from_shape=plan.source_shape,
-                            shape=plan.target_shape, detail=detail)
+        _apply(out, target, moves, base)
+        if moves.target_shape != moves.source_shape:
+          ctx.report.record(target, 'resized', from_shape=moves.source_shape,
+                            shape=moves.target_shape, detail=detail)
         else:
           ctx.report.record(target, 'relabelled', detail=detail)
     return out
@@ -146,7 +152,8 @@ def map_labels(
   relabelled; the target shapes come from ``ctx.expected``. Kept labels
   keep their entries and their slots bit for bit; new labels get ``init``
   entries and fresh slots (``ctx.fresh()``'s: zeros and, with
-  ``hooks.optim``, count 0); dropped labels go.
+  ``hooks.optim``, count 0, its count growing along ``axis``: a (1, 10)
+  count for a head's ten columns); dropped labels go.
 
   Args:
     layers: Regex over layer paths (``re.fullmatch``), e.g. ``'head'``,

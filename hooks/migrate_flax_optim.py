@@ -11,7 +11,7 @@ flax.optim                    optax state (flat key ends with)
 Adam ``grad_ema``             ``.../mu/<p>``
 Adam ``grad_sq_ema``          ``.../nu/<p>``
 Momentum ``momentum``         ``.../trace/<p>``
-``state/step``                ``step``; per-element ``.../count/<p>``
+``state/step``                ``step``; each ``.../count/<p>``
                               (``hooks.optim``); every scalar
                               ``.../count`` (optax's Adam count,
                               ``inject_hyperparams`` and schedule counts)
@@ -38,7 +38,7 @@ _PARAMS = 'params/'
 
 # Optax slot name (last part of the slot's optimizer path) -> legacy slot.
 SLOTS = {'mu': 'grad_ema', 'nu': 'grad_sq_ema', 'trace': 'momentum'}
-_STEP_SLOTS = ('count',)  # Per-element step counts (hooks.optim).
+_STEP_SLOTS = ('count',)  # Per-tensor step counts (hooks.optim).
 
 
 def _shape(leaf: Any) -> tuple[int, ...]:
@@ -139,8 +139,8 @@ def migrate_flax_optim() -> api.HookFn:
       for slot in slots:
         name = flat_lib.split_slot(slot, param_key).rsplit('/', 1)[-1]
         struct = expected[slot]
-        if name in _STEP_SLOTS:
-          out[slot] = _full(shape, step, struct.dtype, abstract)
+        if name in _STEP_SLOTS:  # The target's count shape (per tensor).
+          out[slot] = _full(_shape(struct), step, struct.dtype, abstract)
           sources[slot] = _STEP
           continue
         if name not in SLOTS:

@@ -145,6 +145,15 @@ class NnxStateView:
     values = self._reader.read([self._names[k] for k in keys])
     return {k: values[self._names[k]] for k in keys}
 
+  def read_slices(self, key: str, indices: Sequence[Any]) -> list[np.ndarray]:
+    """Reads the parts ``indices`` of ``key`` (a new name) from the donor."""
+    key, = check_keys(self.path, [key], self._structure)
+    return self._reader.read_slices(self._names[key], indices)
+
+  def chunked(self, key: str) -> bool:
+    """Whether the donor stores ``key`` in chunks smaller than the tensor."""
+    return self._reader.chunked(self._names[key])
+
   def digest(self) -> str:
     """Returns the donor reader's digest (stored keys)."""
     return self._reader.digest()

@@ -16,6 +16,7 @@ from typing import Any
 
 from flax import nnx
 
+from hooks import counts
 from hooks import nnx_state
 from hooks import validation
 
@@ -134,17 +135,14 @@ def freeze_optimizer(model: nnx.Module, optimizer: nnx.Optimizer,
   old = {key: value for key, _, value in nnx_state.optimizer_items(optimizer)}
   items = nnx_state.optimizer_items(new)
   fresh = {key: value for key, _, value in items}
+  shapes = {nnx_state.path_of(path): validation.shape_dtype(v.get_value())[0]
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   for key, value in fresh.items():
     previous = old.get(key)
     if previous is None:
       continue
-    if validation.shape_dtype(previous)[0] != validation.shape_dtype(value)[0]:
-      raise ValueError(
-          f'Cannot carry optimizer leaf {key!r}: old shape '
-          f'{validation.shape_dtype(previous)[0]}, new '
-          f'{validation.shape_dtype(value)[0]}. Run surgery hooks to resize '
-          'the state before changing the frozen set.'
-      )
+    counts.check_carry(key, validation.shape_dtype(previous)[0],
+                       validation.shape_dtype(value)[0], shapes)
     fresh[key] = previous
   nnx.update(new, nnx.from_flat_state(
       [(path, fresh[key]) for key, path, _ in items]))

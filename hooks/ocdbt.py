@@ -1,4 +1,10 @@
-"""The stored values of an orbax PyTree item, checked before a restore."""
+"""The stored values of an orbax PyTree item, checked before a restore.
+
+For code that restores an item with orbax (the trainer's resume): orbax
+reads every array at once. Donor reads need no such check: they read one
+array at a time with tensorstore (``hooks.stored_arrays``), so a damaged
+file fails that read alone.
+"""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Everything is read through orbax's public API: ``ocp.PyTreeCheckpointer()
 ``_CHECKPOINT_METADATA``: a dict of item names for a CheckpointManager step,
 a string for a single-item directory, None otherwise) and its tree metadata
 (a PyTree item's ``_METADATA``; None for a whole step). ``OrbaxReader``
-restores only the leaves asked for.
+reads only the tensors, or the parts of tensors, asked for.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from hooks import flat as flat_lib
 from hooks import nnx_donor
-from hooks.ocdbt import check_values
+from hooks import stored_arrays
 from hooks.readers import canonical
 from hooks.readers import damaged
 from hooks.readers import DonorError
+from hooks.readers import Index
 from hooks.readers import Reader
 
 __all__ = ['OrbaxReader', 'TENSOR_FORMS', 'handler_name', 'metadata',
@@ -191,7 +191,8 @@ def read_json(path: str, step_dir: str, names: list[str]) -> dict[str, Any]:
 
 
 class OrbaxReader(Reader):
-  """One orbax PyTree item directory, read leaf by leaf.
+  """One orbax PyTree item directory, read tensor by tensor, whole or the
+  parts asked for, with tensorstore (``hooks.stored_arrays``).
 
   Args:
     path: The path the donor was opened with.
@@ -209,12 +210,11 @@ class OrbaxReader(Reader):
                step_dir: str, step: int | None = None,
                item: str | None = None,
                metadata: dict[str, Any] | None = None) -> None:
-    self._tree = getattr(tree, 'tree', tree)
-    structure = {
-        key: jax.ShapeDtypeStruct(tuple(leaf.shape), canonical(leaf.dtype))
-        for key, leaf in flat_lib.flatten(self._tree).items()
-        if getattr(leaf, 'shape', None) is not None  # Not a string leaf.
-    }
+    leaves = {key: leaf for key, leaf
+              in flat_lib.flatten(getattr(tree, 'tree', tree)).items()
+              if getattr(leaf, 'shape', None) is not None}  # Not a string.
+    structure = {key: jax.ShapeDtypeStruct(tuple(v.shape), canonical(v.dtype))
+                 for key, v in leaves.items()}
     if not structure:
       # orbax gives an empty tree, silently, for e.g. a whole step directory.
       raise DonorError(
@@ -223,28 +223,28 @@ class OrbaxReader(Reader):
     form = nnx_donor.FORM if nnx_donor.is_nnx_state(structure) else form
     super().__init__(path, form, step, item, metadata or {}, structure)
     self._item_dir, self._step_dir = item_dir, step_dir
+    self._names = {key: leaf.name for key, leaf in leaves.items()}  # Stored.
+    self._chunks = {key: tuple(getattr(getattr(leaf, 'storage', None),
+                                       'chunk_shape', None) or leaf.shape)
+                    for key, leaf in leaves.items()}
+    self._arrays = stored_arrays.StoredArrays(
+        item_dir, getattr(tree, 'use_zarr3', False))
 
-  def _read(self, keys: list[str]) -> Mapping[str, Any]:
-    """Restores ``keys``; every other leaf is a placeholder, never read."""
-    wanted = set(keys)
+  def chunked(self, key: str) -> bool:
+    """Whether orbax stored ``key`` in chunks smaller than the tensor."""
+    return self._chunks[key] != tuple(self._structure[key].shape)
 
-    def target(path, leaf):
-      if flat_lib.key_of(path) not in wanted:
-        return ocp.PLACEHOLDER
-      return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
-
-    item = jax.tree_util.tree_map_with_path(target, self._tree)
-    restore_args = jax.tree.map(
-        lambda leaf: (leaf if leaf is ocp.PLACEHOLDER
-                      else ocp.RestoreArgs(restore_type=np.ndarray)), item)
+  def _stored(self, key: str, indices: list[Index] | None) -> list[Any]:
     try:
-      check_values(self._item_dir, keys)
-      restored = ocp.PyTreeCheckpointer().restore(
-          self._item_dir,
-          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+      return self._arrays.read(self._names[key], indices)
     except Exception as e:  # pylint: disable=broad-except
       # No tensorstore traceback: the checkpoint, not the caller, is at fault.
       raise damaged(self.path, self._step_dir,
-                    f'reading {len(keys)} tensor(s) of {self._item_dir} '
+                    f'reading {key} ({self._names[key]}) of {self._item_dir} '
                     f'failed ({_cause(e)})') from None
-    return flat_lib.flatten(restored)
+
+  def _read(self, keys: list[str]) -> Mapping[str, Any]:
+    return {key: self._stored(key, None)[0] for key in keys}  # One by one.
+
+  def _read_slices(self, key: str, indices: list[Index]) -> list[Any]:
+    return self._stored(key, indices)

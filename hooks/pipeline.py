@@ -25,6 +25,7 @@ from hooks import select
 from hooks import validation
 from hooks import views
 from hooks.runner import Entry
+from hooks.runner import gc_paused
 from hooks.runner import is_abstract
 from hooks.runner import run_flat
 from hooks.sources import Sources
@@ -44,13 +45,17 @@ def _place(flat: Flat, like: Mapping[str, Any], *, default: bool = False
   """Puts every leaf that is not yet where ``like``'s leaf is, in one batch.
 
   Leaves whose ``like`` has no sharding stay as they are, or go to the
-  default device when ``default``.
+  default device when ``default``; so do the very leaves of ``like`` (what
+  hooks kept) unless ``default``.
   """
   out = dict(flat)
   keys, values, shardings = [], [], []
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for key, leaf in flat.items():
-    sharding = _sharding(like.get(key))
+    old = like.get(key)
+    if leaf is old and not default:
+      continue
+    sharding = _sharding(old)
     if sharding is None and default and not isinstance(leaf, jax.Array):
       sharding = device
     if sharding is None or isinstance(leaf, jax.ShapeDtypeStruct):
@@ -65,6 +70,7 @@ def _place(flat: Flat, like: Mapping[str, Any], *, default: bool = False
   return out
 
 
+@gc_paused()
 def apply(
     state: State,
     entries: Sequence[Entry],
@@ -111,17 +117,17 @@ def apply(
     ValueError, UnknownHookError: If an entry cannot be built.
   """
   view = views.of(state)
-  flat = view.flatten(state)
+  flat, write = view.split(state)
   abstract = dry_run or is_abstract(flat)
   if abstract:
     state = view.abstract(state)  # A dry run leaves the state alone.
-    flat = view.flatten(state)
+    flat, write = view.split(state)
   result, report = run_flat(
       flat, entries, expected=validation.expected_structure(flat), rng=rng,
       fresh=view.fresh(fresh, state), sources=sources, validate_each=True)
   if not abstract:
     result = _place(result, flat)
-  return view.write(state, result), report
+  return write(result), report
 
 
 def plan(state: Any, entries: Sequence[Entry], *, rng: jax.Array,
@@ -166,6 +172,7 @@ def _step_as(flat: Flat, target: Mapping[str, Any]) -> Flat:
   return out
 
 
+@gc_paused()
 def restore(
     checkpoint: str | os.PathLike[str] | api.DonorReader,
     target: State,
@@ -211,7 +218,7 @@ def restore(
   view = views.of(target)
   if dry_run:
     target = view.abstract(target)
-  target_flat = view.flatten(target)
+  target_flat, write = view.split(target)
   if reader.form == nnx_donor.FORM:  # No collections stored: the target's.
     reader = nnx_donor.view(reader, select.nnx_reads(target_flat),
                             skip=view.rng_paths(target))
@@ -232,4 +239,4 @@ def restore(
   if opened not in sources.readers():
     report.add_source(reader.provenance())
   logging.debug('Restored %s through %d hooks.', reader.path, len(entries))
-  return view.write(target, result), report
+  return write(result), report

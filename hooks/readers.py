@@ -1,9 +1,10 @@
 """Donor readers: one checkpoint's tensors, read lazily, and what was read.
 
 ``Reader`` holds what every reader shares (the ``DonorReader`` attributes,
-key checks, the digest, provenance); ``MsgpackReader`` reads a flax msgpack
-file, decoded whole when opened (the format keeps no metadata apart from the
-data). The orbax reader is ``hooks.orbax_donor.OrbaxReader``.
+key checks, the digest, provenance). The readers are
+``hooks.orbax_donor.OrbaxReader`` and ``hooks.msgpack_donor.MsgpackReader``.
+A tensor is read whole (``read``) or as the parts a process holds of it
+(``read_slices``: the shards of a sharded target).
 
 Keys are those ``hooks.flatten_raw`` gives for the stored tree. Dtypes are the
 ones JAX would hold (``int64`` is ``int32`` unless x64 is enabled).
@@ -16,14 +17,14 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import flax.serialization
 import jax
 import numpy as np
 
-from hooks import flat as flat_lib
-
-__all__ = ['DonorError', 'DonorReader', 'MsgpackReader', 'Reader', 'canonical',
+__all__ = ['DonorError', 'DonorReader', 'Index', 'Reader', 'canonical',
            'check_keys', 'damaged']
+
+# A part of a tensor: per axis, [start, stop).
+Index = tuple[tuple[int, int], ...]
 
 
 class DonorError(ValueError):
@@ -46,6 +47,13 @@ class DonorReader(Protocol):
   def read(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """Reads exactly ``keys``."""
 
+  def read_slices(self, key: str, indices: Sequence[Index]
+                  ) -> list[np.ndarray]:
+    """Reads the parts ``indices`` of the tensor ``key``."""
+
+  def chunked(self, key: str) -> bool:
+    """Whether ``key`` is stored in chunks smaller than the tensor."""
+
   def digest(self) -> str:
     """Returns the sha256 (hex) of what was read so far."""
 
@@ -66,11 +74,22 @@ def damaged(path: str, step_dir: str, what: str) -> DonorError:
       'hooks.open_donor), or re-save this checkpoint.')
 
 
-def _hash_leaf(key: str, value: np.ndarray) -> str:
+def _sha(value: np.ndarray) -> str:
   value = np.ascontiguousarray(value)
   # Hash the buffer in place: `tobytes()` would copy the whole tensor.
-  data = hashlib.sha256(value.reshape(-1).view(np.uint8)).hexdigest()
-  return f'{key}\0{value.dtype.name}\0{value.shape}\0{data}\n'
+  return hashlib.sha256(value.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _hash_leaf(key: str, value: np.ndarray) -> str:
+  return f'{key}\0{value.dtype.name}\0{value.shape}\0{_sha(value)}\n'
+
+
+def _hash_parts(key: str, shape: tuple[int, ...], parts: Mapping[Index, Any]
+                ) -> str:
+  """A tensor read in parts: each part's index and sha256, in index order."""
+  dtype = next(iter(parts.values())).dtype.name
+  data = ';'.join(f'{index}:{_sha(parts[index])}' for index in sorted(parts))
+  return f'{key}\0{dtype}\0{shape}\0parts\0{data}\n'
 
 
 def check_keys(
@@ -140,12 +159,51 @@ class Reader:
   def _read(self, keys: list[str]) -> Mapping[str, Any]:
     raise NotImplementedError
 
+  def read_slices(self, key: str, indices: Sequence[Index]
+                  ) -> list[np.ndarray]:
+    """Reads the parts ``indices`` of one tensor, as host ``np.ndarray``s.
+
+    Only the stored chunks that hold a part are read (``chunked``); a
+    tensor stored as one chunk is read whole once.
+
+    Args:
+      key: A key of ``structure()``.
+      indices: Per part, ``(start, stop)`` on each axis, e.g. the shards of
+        a sharded target that this process holds.
+
+    Returns:
+      One array per index, in the dtype of ``structure()``.
+
+    Raises:
+      DonorError: As for ``read``.
+    """
+    key, = check_keys(self.path, [key], self._structure)
+    indices = [tuple(tuple(int(i) for i in axis) for axis in index)
+               for index in indices]
+    dtype = self._structure[key].dtype
+    parts = [np.asarray(part).astype(dtype, copy=False)
+             for part in self._read_slices(key, indices)]
+    self._hashed[key] = _hash_parts(key, tuple(self._structure[key].shape),
+                                    dict(zip(indices, parts)))
+    return parts
+
+  def _read_slices(self, key: str, indices: list[Index]) -> list[Any]:
+    value = self._read([key])[key]
+    return [value[tuple(slice(*axis) for axis in index)] for index in indices]
+
+  def chunked(self, key: str) -> bool:
+    """Whether ``key`` is stored in chunks smaller than the tensor, so that
+    ``read_slices`` reads only the chunks of its parts."""
+    del key
+    return False
+
   def digest(self) -> str:
     """Returns the sha256 (hex) over every leaf read so far.
 
     The hash covers, in key order, each key, dtype, shape and the sha256 of
     its bytes: the same leaves read in any order, from any form, give the
-    same digest.
+    same digest. A tensor read in parts (``read_slices``) contributes each
+    part's index and sha256 instead.
     """
     h = hashlib.sha256()
     for key in sorted(self._hashed):
@@ -162,75 +220,3 @@ class Reader:
   def __repr__(self) -> str:
     return (f'{type(self).__name__}({self.path!r}, form={self.form!r}, '
             f'step={self.step}, item={self.item!r})')
-
-
-def _is_flax_optim(tree: Mapping[str, Any]) -> bool:
-  state = tree.get('state')
-  return (set(tree) == {'target', 'state'} and isinstance(state, Mapping)
-          and 'param_states' in state)
-
-
-def _stored_step(tree: Mapping[str, Any]) -> int | None:
-  """The integer step a legacy flax.optim file holds (``state/step``)."""
-  if not _is_flax_optim(tree):
-    return None
-  value = np.asarray(tree['state'].get('step'))
-  if value.ndim or value.dtype.kind not in 'iu':
-    return None
-  return int(value)
-
-
-class MsgpackReader(Reader):
-  """A flax msgpack file, decoded whole with ``msgpack_restore`` (no pickle).
-
-  ``form`` is ``'flax-optim-msgpack'`` for a legacy ``flax.optim`` optimizer
-  (``{'target', 'state': {'step', 'param_states'}}``), else
-  ``'flax-msgpack'`` (a TrainState, params, any dict of arrays).
-
-  Args:
-    path: The path the donor was opened with.
-    file: The msgpack file.
-    step: The checkpoint step its name gives (``checkpoint_7``), or None:
-      then a legacy ``flax.optim`` file's ``state/step``.
-  """
-
-  def __init__(self, path: str, file: str, step: int | None = None) -> None:
-    with open(file, 'rb') as f:
-      data = f.read()
-    try:
-      tree = flax.serialization.msgpack_restore(data)
-    except Exception as e:  # pylint: disable=broad-except
-      raise DonorError(
-          f'Donor {path!r}: the file {file} is not flax msgpack '
-          f'({type(e).__name__}: {e}); expected a flax msgpack file '
-          '(flax.serialization.to_bytes or a flax checkpoint file), or '
-          're-save it if it was cut short.') from None
-    if not isinstance(tree, dict) or not tree:
-      raise DonorError(
-          f'Donor {path!r}: the file {file} decodes to a '
-          f'{type(tree).__name__}, not a non-empty dict of arrays; expected '
-          'the msgpack of a TrainState, its params or a flax.optim '
-          'optimizer.')
-    try:
-      flat = flat_lib.flatten_raw(tree)
-    except ValueError as e:
-      raise DonorError(f'Donor {path!r}: {e}') from e
-    self._flat = {}
-    for key, value in flat.items():
-      value = np.asarray(value)
-      if value.dtype == object or value.dtype.kind in 'USV':
-        continue  # Strings and the like are not tensors.
-      self._flat[key] = value.astype(canonical(value.dtype), copy=False)
-    if not self._flat:
-      raise DonorError(
-          f'Donor {path!r}: the file {file} holds no arrays; expected the '
-          'msgpack of a TrainState, its params or a flax.optim optimizer.')
-    form = 'flax-optim-msgpack' if _is_flax_optim(tree) else 'flax-msgpack'
-    if step is None:  # The file's name gives none: a flax.optim file's own.
-      step = _stored_step(tree)
-    structure = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                 for k, v in self._flat.items()}
-    super().__init__(path, form, step, None, {}, structure)
-
-  def _read(self, keys: list[str]) -> Mapping[str, Any]:
-    return self._flat

@@ -173,14 +173,15 @@ class Report:
     Args:
       flat: The flat state after the last hook.
     """
-    for key, leaf in flat.items():
-      if key in self._actions or key.startswith('params/'):
-        self._shapes[key] = _shape(leaf)
+    actions, shapes = self._actions, self._shapes
+    for key in actions:  # Every param is in the index below: no pass over all.
+      if key in flat:
+        shapes[key] = _shape(flat[key])
     for param, slots in flat_lib.slot_index(flat).items():
       for key in (param, *slots):
-        if key not in self._actions:
-          self._actions[key] = [_UNCHANGED]
-          self._shapes[key] = _shape(flat[key])
+        if key not in actions:
+          actions[key] = [_UNCHANGED]
+          shapes[key] = _shape(flat[key])
 
   def actions(self, key: str) -> list[Action]:
     """Returns the actions recorded for ``key`` (empty if none)."""

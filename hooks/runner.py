@@ -4,12 +4,20 @@
 builds the entries (no I/O), runs them in order, each with its own rng and
 report, checks the structure, and adds the provenance of every checkpoint
 the run opened to the report. Use it to test a hook over a flat dict.
+
+Python's cyclic garbage collector is paused while a surgery runs
+(``gc_paused``): a surgery allocates a few objects per leaf and makes no
+reference cycles worth collecting, yet every collection of the oldest
+generation walks every live object, which made surgery superlinear (1.3x
+at 4 * 10^4 leaves and more). Collection resumes as it was afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import gc
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -22,10 +30,27 @@ from hooks import report as report_lib
 from hooks import validation
 from hooks.sources import Sources
 
-__all__ = ['Entry', 'build_all', 'is_abstract', 'run_flat']
+__all__ = ['Entry', 'build_all', 'gc_paused', 'is_abstract', 'run_flat']
 
 Flat = dict[str, Any]
 Entry = Mapping[str, Any] | api.HookFn
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+  """Pauses the cyclic garbage collector; restores its state on exit.
+
+  Also a decorator. Reference counting still frees what a surgery drops;
+  cycles made meanwhile are collected once collection resumes. The collector
+  is the process's: other threads go without it meanwhile too.
+  """
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
 
 
 def _named(entry: Entry) -> tuple[str, api.HookFn]:
@@ -76,7 +101,9 @@ def _run(flat: Flat, hooks: list[tuple[str, api.HookFn]], ctx: api.Context,
          validate_each: bool) -> Flat:
   """Runs built hooks in order; reports reach ``ctx.report`` only on success."""
   current = dict(flat)
-  validated = None  # The last result checked in full.
+  # The last state known to match. With validate_each the input has the
+  # structure (the caller's promise), so leaves a hook keeps are not checked.
+  validated = current if validate_each else None
   run_report = report_lib.Report()
   for index, (name, hook_fn) in enumerate(hooks):
     report = report_lib.Report()
@@ -91,7 +118,7 @@ def _run(flat: Flat, hooks: list[tuple[str, api.HookFn]], ctx: api.Context,
           name, index, TypeError(f'returned {type(result).__name__}, not a dict'))
     if validate_each:
       what = f'state after hook #{index} {name!r}'
-      if validated is not None and result.keys() == validated.keys():
+      if result.keys() == validated.keys():
         # Leaves a hook kept (the same objects) were checked already.
         validation.check_structure(
             {k: v for k, v in result.items() if v is not validated[k]},
@@ -104,14 +131,16 @@ def _run(flat: Flat, hooks: list[tuple[str, api.HookFn]], ctx: api.Context,
   if not validate_each or not hooks:
     validation.check_structure(current, ctx.expected,
                                what='state after the last hook')
-  run_report.finalize(current)
   ctx.report.merge(run_report)
+  ctx.report.finalize(current)  # Not in run_report: no 10^5 rows to merge.
   return current
 
 
 def is_abstract(flat: Mapping[str, Any]) -> bool:
   """Whether a flat state holds ``jax.ShapeDtypeStruct`` leaves (plan mode)."""
-  return any(isinstance(v, jax.ShapeDtypeStruct) for v in flat.values())
+  # The leaves' types first: a handful, and map(type, ...) runs in C.
+  return any(issubclass(t, jax.ShapeDtypeStruct)
+             for t in set(map(type, flat.values())))
 
 
 def _context(expected: Mapping[str, jax.ShapeDtypeStruct], rng: jax.Array,
@@ -129,6 +158,7 @@ def _finish(ctx: api.Context, sources: Sources) -> report_lib.Report:
   return ctx.report
 
 
+@gc_paused()
 def run_flat(
     flat: Mapping[str, Any],
     entries: Sequence[Entry],
@@ -155,7 +185,8 @@ def run_flat(
     sources: Where donors are opened, once each.
     checkpoint: The checkpoint being restored, if any (``ctx.checkpoint``).
     validate_each: Check the structure after every hook (the input must
-      have it already), not only after the last.
+      have it already: only the leaves a hook changes are checked), not
+      only after the last.
 
   Returns:
     ``(new flat state, report)``.

@@ -170,25 +170,25 @@ def donor_prefix(collection: str, structure: Mapping[str, Any]) -> str:
   return ''
 
 
-def _unmatched(patterns: Sequence[str], paths: list[str]) -> list[str]:
-  errors = []
-  for pattern in patterns:
+def _matches(patterns: Sequence[str], paths: list[str]) -> tuple[dict, list]:
+  """``match_keys`` allowing none, and the error of each unmatched pattern."""
+  matched = validation.match_keys(patterns, paths, allow_empty=True)
+  errors, first = [], set(matched.values())  # These match: no second look.
+  for pattern in (p for i, p in enumerate(patterns) if i not in first):
     try:
       validation.match_keys([pattern], paths)
     except ValueError as e:
       errors.append(str(e))
-  return errors
+  return matched, errors
 
 
-def _select(flat: Mapping[str, Any], opts: Options
-            ) -> tuple[list[str], list[str]]:
+def _select(flat: Mapping[str, Any], opts: Options) -> tuple[list, list]:
   keys = model_keys(flat)
   paths = list(dict.fromkeys(split(k)[1] for k in keys))
-  errors = _unmatched(opts.include, paths) + _unmatched(opts.exclude, paths)
-  chosen = validation.match_keys(opts.include, paths, allow_empty=True)
-  dropped = validation.match_keys(opts.exclude, paths, allow_empty=True)
-  return [k for k in keys if split(k)[1] in chosen
-          and split(k)[1] not in dropped], errors
+  chosen, errors = _matches(opts.include, paths)
+  dropped, more = _matches(opts.exclude, paths)
+  kept = chosen.keys() - dropped.keys()
+  return [k for k in keys if split(k)[1] in kept], errors + more
 
 
 def _donor_path(path: str, opts: Options, used: list[bool] | None = None
@@ -222,12 +222,13 @@ def donor_keys(flat: Mapping[str, Any], structure: Mapping[str, Any],
                             hook=opts.hook, what='selected layers')
   except ValueError as e:
     errors.append(str(e).removeprefix(f'{opts.hook}: '))
-  used = [False] * len(opts.rules)
-  out, missing = {}, []
+  used, out, missing = [False] * len(opts.rules), {}, []
+  prefixes = {c: donor_prefix(c, structure)  # Once a collection, not a key.
+              for c in {split(k)[0] for k in selected}}
   for key in selected:
     collection, path = split(key)
     donor_path, policy = _donor_path(path, opts, used)
-    donor_key = donor_prefix(collection, structure) + donor_path
+    donor_key = prefixes[collection] + donor_path
     if donor_key in structure:
       out[key] = (donor_key, policy)
     else:

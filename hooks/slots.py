@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from hooks import counts
 from hooks import keys as keys_lib
 
 __all__ = ['param_keys', 'slot_index', 'split_slot']
@@ -20,8 +21,10 @@ def slot_index(flat: Mapping[str, Any]) -> dict[str, list[str]]:
 
   A slot of ``params/<p>`` is an ``opt_state/...`` key that ends with
   ``/<p>`` and has the param's shape (``opt_state/0/mu/Dense_1/kernel``,
-  ``opt_state/inner_states/a/inner_state/0/nu/Dense_1/kernel``, ...). When
-  several params' paths end a slot key, the longest wins.
+  ``opt_state/inner_states/a/inner_state/0/nu/Dense_1/kernel``, ...), or
+  ends with ``/count/<p>`` and has a count's shape (``hooks.counts``: every
+  axis 1 or the param's, e.g. ``opt_state/0/count/Dense_1/kernel`` of shape
+  ``(1, 1)``). When several params' paths end a slot key, the longest wins.
 
   Args:
     flat: A flat ``TrainState`` (keys under ``params/`` and ``opt_state/``).
@@ -45,7 +48,9 @@ def slot_index(flat: Mapping[str, Any]) -> dict[str, list[str]]:
       suffix = '/'.join(parts[-depth:])
       if suffix in params:
         param_key = params[suffix]
-        if _shape(leaf) == _shape(flat[param_key]):
+        shape, param_shape = _shape(leaf), _shape(flat[param_key])
+        if shape == param_shape or (parts[-depth - 1] == counts.NAME
+                                    and counts.fits(shape, param_shape)):
           index[param_key].append(key)
         break
   return {k: sorted(v) for k, v in index.items()}

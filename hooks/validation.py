@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from hooks import counts as counts_lib
 # Regex matching of keys lives in hooks.keys; re-exported for callers here.
 from hooks.keys import match_keys
 
@@ -184,6 +185,10 @@ def check_structure(
 ) -> None:
   """Checks that a flat state has exactly the expected keys, shapes, dtypes.
 
+  A count of ``hooks.optim`` may have another shape than expected when both
+  fit its param (``hooks.counts``): surgery expands counts along the axes
+  it edits, and older checkpoints hold per-element counts.
+
   Args:
     flat: The flat state to check.
     expected: Key -> ``ShapeDtypeStruct`` (e.g. from ``expected_structure``).
@@ -211,5 +216,11 @@ def check_structure(
       got = shape_dtype(leaf)
     if got != want:
       mismatched[k] = (_struct(got), _struct(want))
+  if mismatched:  # Counts may differ (hooks.counts); look only then.
+    shapes = {k[len('params/'):]: v.shape for k, v in expected.items()
+              if k.startswith('params/')}
+    mismatched = {k: (got, exp) for k, (got, exp) in mismatched.items()
+                  if got.dtype != exp.dtype or not k.startswith('opt_state/')
+                  or not counts_lib.replaces(k, got.shape, exp.shape, shapes)}
   if missing or unexpected or mismatched:
     raise StructureError(missing, unexpected, mismatched, what=what)

@@ -1,15 +1,17 @@
 """How the pipeline reads and writes each kind of state, in one place.
 
-A ``View`` flattens a state to the flat view, makes an abstract copy, writes
-a flat result back, and adapts ``fresh``: ``of(state)`` gives the one for a
-pytree (a Linen ``TrainState``) or for an NNX model / ``(model, optimizer)``
-(``hooks.nnx_state``). ``hooks.apply`` and ``hooks.restore`` run one body
-over either.
+A ``View`` flattens a state to the flat view (``split`` also gives the
+writer back into that very state, so a pytree is not flattened twice), makes
+an abstract copy, writes a flat result back, and adapts ``fresh``:
+``of(state)`` gives the one for a pytree (a Linen ``TrainState``) or for an
+NNX model / ``(model, optimizer)`` (``hooks.nnx_state``). ``hooks.apply``
+and ``hooks.restore`` run one body over either.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,12 +37,15 @@ class View:
       or the NNX objects updated in place).
     rng_paths: ``state -> `` model paths the flat view leaves out.
     nnx: Whether the state is an NNX one.
+    split: ``state -> (flat, write_back)``: ``flatten(state)``, and
+      ``write_back(flat)``, which does ``write(state, flat)``.
   """
   flatten: Callable[[Any], Flat]
   abstract: Callable[[Any], Any]
   write: Callable[[Any, Flat], Any]
   rng_paths: Callable[[Any], set[str]]
   nnx: bool
+  split: Callable[[Any], tuple[Flat, Callable[[Flat], Any]]]
 
   def fresh(self, fresh: Callable[[], Any] | None, like: Any
             ) -> Callable[[], Flat] | None:
@@ -60,13 +65,19 @@ class View:
     return flat
 
 
+def _nnx_split(state: Any) -> tuple[Flat, Callable[[Flat], Any]]:
+  return nnx_state.flatten(state), functools.partial(nnx_state.write, state)
+
+
 _PYTREE = View(
     flatten=flat_lib.flatten,
     abstract=lambda tree: jax.tree.map(validation.abstract_leaf, tree),
     write=lambda tree, flat: flat_lib.unflatten(flat, tree),
-    rng_paths=lambda tree: set(), nnx=False)
+    rng_paths=lambda tree: set(), nnx=False,
+    split=flat_lib.flatten_with_rebuild)
 _NNX = View(flatten=nnx_state.flatten, abstract=nnx_state.abstract,
-            write=nnx_state.write, rng_paths=nnx_state.rng_paths, nnx=True)
+            write=nnx_state.write, rng_paths=nnx_state.rng_paths, nnx=True,
+            split=_nnx_split)
 
 
 def of(state: Any) -> View:

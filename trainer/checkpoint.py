@@ -5,6 +5,13 @@ Layout: `<workdir>/checkpoints/<step>/{state,config,meta}`. Writes are atomic
 plus the one with the best eval accuracy. Every restore goes through
 `restore`, which checks the stored structure against the target first.
 
+The state is stored in chunks of at most CHUNK_BYTES, and at most one
+written shard (`save_args`): a reader that holds part of a tensor (a
+restore into another sharding, a warm start of a sharded model, a process
+of a multi-process run) reads the chunks its part overlaps, not the whole
+tensor, so a run's checkpoints make good donors whatever topology wrote
+them.
+
 A step whose files cannot be read back (truncated, missing) fails with a
 CheckpointError that names the step directory and the way out
 (`config.resume_step`, the newest earlier step that reads back whole); any
@@ -14,6 +21,7 @@ reader of checkpoint files can raise the same through `reading`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Any, Callable, Iterator
 
@@ -32,6 +40,9 @@ SUBDIR = 'checkpoints'
 # Where config.resume_step moves the steps after the one it resumes from.
 SET_ASIDE_SUBDIR = 'checkpoints_set_aside'
 ITEMS = ('state', 'config', 'meta')
+# The largest stored chunk. Smaller chunks waste less of a partial read but
+# cost more per chunk; orbax warns below 1 MiB.
+CHUNK_BYTES = 1 << 20
 FlatState = dict[str, Any]
 
 
@@ -259,12 +270,43 @@ def writer(workdir: str, keep: int) -> ocp.CheckpointManager:
                                options=options)
 
 
+def chunk_byte_size(leaf: Any) -> int | None:
+  """The chunk size to store `leaf` in: CHUNK_BYTES, where it splits a shard.
+
+  Orbax writes each shard of an array (for a replicated array, each
+  replica's slice of it) as one chunk by default. With
+  `ocp.SaveArgs(chunk_byte_size=n)` it splits the shard into chunks of at
+  most n bytes, the largest dimensions first; each chunk is then at most
+  one shard and at most CHUNK_BYTES.
+
+  Args:
+    leaf: a leaf of the state.
+
+  Returns:
+    CHUNK_BYTES, or None where a shard is no larger (orbax's one chunk per
+    shard is then small enough).
+  """
+  if not isinstance(leaf, jax.Array) or leaf.ndim == 0:
+    return None
+  shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+  return CHUNK_BYTES if shard > CHUNK_BYTES else None
+
+
+def save_args(state: Any) -> Any:
+  """`ocp.SaveArgs` for every leaf of `state`: chunks of `chunk_byte_size`."""
+  return jax.tree.map(
+      lambda leaf: ocp.SaveArgs(chunk_byte_size=chunk_byte_size(leaf)), state)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          config: dict[str, Any], meta: dict[str, Any],
          metrics: dict[str, float] | None = None) -> None:
-  """Writes one checkpoint (the state, the resolved config and metadata)."""
+  """Writes one checkpoint (the state, the resolved config and metadata).
+
+  The state is stored in chunks of at most CHUNK_BYTES (`save_args`).
+  """
   manager.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
+      state=ocp.args.StandardSave(state, save_args=save_args(state)),
       config=ocp.args.JsonSave(config),
       meta=ocp.args.JsonSave(meta)))
   manager.wait_until_finished()
@@ -327,9 +369,13 @@ def restore(target: Any, ckpt_dir: str, step: int) -> Any:
   """Restores a run's own TrainState: the one way a resume reads state.
 
   The checkpoint must have the target's structure (keys, shapes, dtypes,
-  checked from metadata first) and is read straight into the target's
-  layout. Checkpoints from elsewhere (init_from, donors) go through
-  `hooks.restore` and `hooks.apply` instead (trainer/surgery.py).
+  checked from metadata first; Adam counts may be expanded, as surgery or
+  older runs left them) and is read straight into the target's layout; a
+  count uniform along an axis comes back with size 1 there
+  (`hooks.optim.compact_counts`: an older run's per-element counts become
+  one per tensor, the updates the same). Checkpoints from elsewhere
+  (init_from, donors) go through `hooks.restore` and `hooks.apply` instead
+  (trainer/surgery.py).
 
   Args:
     target: the abstract TrainState (ShapeDtypeStructs with shardings).
@@ -347,12 +393,28 @@ def restore(target: Any, ckpt_dir: str, step: int) -> Any:
   expected = hooks.expected_structure(hooks.flatten(target))
   with reading(f'{ckpt_dir}/{step}', lambda: way_out_of(ckpt_dir, step)):
     check_stored_values(ckpt_dir, step)
-    _check(stored_structure(ckpt_dir, step), expected,
-           f'checkpoint {ckpt_dir}/{step}')
+    stored = stored_structure(ckpt_dir, step)
+    _check(stored, expected, f'checkpoint {ckpt_dir}/{step}')
     with contextlib.closing(reader(ckpt_dir)) as manager:
-      return jax.block_until_ready(manager.restore(
-          step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(target)))['state'])
+      state = jax.block_until_ready(manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+              _stored_shapes(target, stored))))['state'])
+  # Per-element Adam counts of older runs become one per tensor (same math).
+  return hooks.unflatten(hooks.optim.compact_counts(hooks.flatten(state)),
+                         state)
+
+
+def _stored_shapes(target: Any, stored: FlatState) -> Any:
+  """`target` with the stored shape of every leaf `_check` let differ.
+
+  Only hooks.optim's counts may (surgery expands them along the axes it
+  edits; older runs stored one per element); they keep their sharding.
+  """
+  flat = hooks.flatten(target)
+  return hooks.unflatten({
+      k: v if v.shape == stored[k].shape else jax.ShapeDtypeStruct(
+          stored[k].shape, v.dtype, sharding=v.sharding)
+      for k, v in flat.items()}, target)
 
 
 def _check(flat: FlatState, expected: dict[str, jax.ShapeDtypeStruct],

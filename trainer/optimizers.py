@@ -3,8 +3,9 @@
 Every optimizer is wrapped in `optax.inject_hyperparams` with the learning rate
 as a schedule of the optimizer's own step count, so the schedule of the current
 config always wins over what a restored optimizer state holds. Adam and AdamW
-come from `hooks.optim`, whose bias correction counts steps per element: slots
-that surgery creates fresh get no bias-correction kick.
+come from `hooks.optim`, whose bias correction counts steps per tensor (and per
+entry along an axis surgery edits): slots that surgery creates fresh get no
+bias-correction kick, and the state is about twice the params.
 """
 
 from __future__ import annotations

@@ -16,14 +16,17 @@ MUTABLE_FIELDS = frozenset({
     'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
     'eval_batch_size', 'checkpoint_every_steps', 'keep_checkpoints',
     'progress_bar', 'compilation_cache_dir', 'data_dir', 'stop_on_nonfinite',
-    'resume_step',
+    'resume_step', 'mesh.axes', 'mesh.shape', 'partition_rules',
     'optimizer.learning_rate', 'optimizer.schedule', 'optimizer.warmup_steps',
+    # How the steps compile: the low bits only (trainer.xla warns).
+    'xla.cpu_convolutions', 'xla.compiler_options',
 })
 
 
 # Fields added after checkpoints were written without them, and the value
 # such a checkpoint was trained with.
-ADDED_FIELDS = {'model.api': 'linen'}
+ADDED_FIELDS = {'model.api': 'linen', 'xla.cpu_convolutions': 'xla_default',
+                'xla.compiler_options': None}
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -50,6 +53,13 @@ def diff(stored: dict[str, Any],
                 if old.get(key, missing) != new.get(key, missing))
 
 
+def _mutable(field: str) -> bool:
+  # A dict-valued field's entries flatten to 'field.key'; they follow it.
+  parts = field.split('.')
+  return any('.'.join(parts[:i]) in MUTABLE_FIELDS
+             for i in range(1, len(parts) + 1))
+
+
 def check(stored: dict[str, Any], current: dict[str, Any],
           where: str) -> list[tuple[str, Any, Any]]:
   """Splits config changes into allowed ones (returned) and refused ones.
@@ -67,7 +77,7 @@ def check(stored: dict[str, Any], current: dict[str, Any],
       values.
   """
   changes = diff(stored, current)
-  refused = [c for c in changes if c[0] not in MUTABLE_FIELDS]
+  refused = [c for c in changes if not _mutable(c[0])]
   if refused:
     lines = '\n'.join(f'  {field}: checkpoint has {old!r}, config has {new!r}'
                       for field, old, new in refused)
@@ -75,4 +85,4 @@ def check(stored: dict[str, Any], current: dict[str, Any],
         f'the checkpoint in {where} was written under a config that differs '
         f'in fields that may not change on resume:\n{lines}\nUse a new '
         f'--workdir for a different run, or restore these values.')
-  return [c for c in changes if c[0] in MUTABLE_FIELDS]
+  return [c for c in changes if _mutable(c[0])]

@@ -81,7 +81,8 @@ class Run:
     setup: what `trainer.setup.prepare` derived from the config.
     train_step: `(state, totals, batch) -> (state, totals)`:
       `steps.train_and_merge`, state and totals donated, checking for
-      non-finite values as config.stop_on_nonfinite says.
+      non-finite values as config.stop_on_nonfinite says; each leaf of the
+      new state keeps the sharding config.partition_rules give it.
     empty_metrics: `() -> totals`: empty `steps.TrainMetrics`, on the
       devices, for `train_step` to start from.
     eval_step: `(state, batch) -> steps.EvalMetrics` of a padded batch.
@@ -119,16 +120,21 @@ class Run:
     if setup.compilation_cache_dir:
       enable_compilation_cache(setup.compilation_cache_dir)
     replicated = setup.topology.replicated
+    options = setup.compilation.compiler_options  # trainer.xla: config.xla.
     return cls(
         setup=setup,
         train_step=jax.jit(
             functools.partial(steps.train_and_merge,
-                              check_finite=setup.schedule.stop_on_nonfinite),
-            donate_argnums=(0, 1), out_shardings=replicated),
+                              check_finite=setup.schedule.stop_on_nonfinite,
+                              constrain=setup.topology.constrain),
+            donate_argnums=(0, 1), compiler_options=options),
         empty_metrics=jax.jit(steps.TrainMetrics.empty,
-                              out_shardings=replicated),
-        eval_step=jax.jit(steps.eval_step, out_shardings=replicated),
-        predict_step=jax.jit(steps.predict, out_shardings=replicated))
+                              out_shardings=replicated,
+                              compiler_options=options),
+        eval_step=jax.jit(steps.eval_step, out_shardings=replicated,
+                          compiler_options=options),
+        predict_step=jax.jit(steps.predict, out_shardings=replicated,
+                             compiler_options=options))
 
   # States.
 

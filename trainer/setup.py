@@ -50,6 +50,7 @@ from trainer import optimizers
 from trainer import resume
 from trainer import validation
 from trainer import workdir as workdir_lib
+from trainer import xla
 from trainer.errors import CheckpointError
 from trainer.errors import ConfigError
 
@@ -98,7 +99,8 @@ class Setup:
     init_from: the checkpoint a fresh start restores ('' for a fresh init).
     hook_lists: phase -> the config's hook entries, as plain dicts.
     schedule: what the loop reads.
-    topology: the run's devices.
+    topology: the run's mesh, and where each leaf of the state lives
+      (config.mesh, config.partition_rules).
     data: the splits (None when prepared without data).
     model: pure init and apply, for either Flax API.
     tx: the optimizer before freezing.
@@ -106,6 +108,7 @@ class Setup:
     latest_step: the step to resume (config.resume_step or the latest).
     resume_step: config.resume_step: the step asked for (None: the latest).
     compilation_cache_dir: JAX's persistent compilation cache ('' = off).
+    compilation: the compiler options of every jitted step (config.xla).
   """
   workdir: str
   stored_config: dict[str, Any]
@@ -123,6 +126,7 @@ class Setup:
   latest_step: int | None
   resume_step: int | None
   compilation_cache_dir: str
+  compilation: xla.Compilation
 
   @property
   def head(self) -> str:
@@ -252,10 +256,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   validation.validate(config)
   _check_hooks(config)
   workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else workdir
-  topology = distributed.topology()
+  topology = distributed.topology(config.mesh.axes, config.mesh.shape,
+                                  config.partition_rules)
   for field in ('batch_size', 'eval_batch_size'):
-    distributed.check_divisible(field, config[field], topology.device_count)
+    distributed.check_divisible(field, config[field], topology)
   workdir_lib.check_writable(workdir)
+  compilation = xla.from_config(config)
   latest = checkpoint.resume_step(workdir, config.resume_step)
   resolved = resume.to_json_dict(config)
   stored_meta = None
@@ -266,6 +272,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
                                         f'{ckpt_dir}/{latest}'):
       logging.info('Resume: config.%s changes from %r to %r.', field, old, new)
     stored_meta = checkpoint.read_json(ckpt_dir, latest, 'meta')
+    change = xla.resume_change(stored_meta.get('xla'), compilation)
+    if change:
+      logging.warning(change)
   data = None
   if load_data:
     data = data_lib.load(config.data_source, config.data_dir, config.classes)
@@ -294,11 +303,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
       tx=optimizers.create(config.optimizer, loop.num_train_steps),
       freeze=freeze_schedule(config), latest_step=latest,
       resume_step=config.resume_step,
-      compilation_cache_dir=config.compilation_cache_dir)
+      compilation_cache_dir=config.compilation_cache_dir,
+      compilation=compilation)
   try:
     setup.tx_at(0)
   except ValueError as e:
     raise ConfigError(f'config.freeze: {e}') from e
+  topology.check(hooks.flatten(setup.abstract_params))
   return setup
 
 
@@ -308,21 +319,30 @@ def _init_state(model: models.Model, tx: optax.GradientTransformation,
 
 
 def abstract_state(setup: Setup, step: int = 0) -> TrainState:
-  """The TrainState's shapes, dtypes and shardings; no memory allocated."""
+  """The TrainState's shapes, dtypes and shardings; no memory allocated.
+
+  The shardings are config.partition_rules' (`distributed.Topology`):
+  restores and surgery place every leaf with them.
+  """
   shapes = jax.eval_shape(
       functools.partial(_init_state, setup.model, setup.tx_at(step)),
       jax.random.key(setup.seed))
   return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                     sharding=setup.topology.replicated),
-      shapes)
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                               sharding=sharding),
+      shapes, setup.topology.shardings(shapes))
 
 
 def initial_state(setup: Setup) -> TrainState:
-  """The fresh TrainState of the run's seed, replicated over the mesh."""
-  init = jax.jit(functools.partial(_init_state, setup.model, setup.tx_at(0)),
-                 out_shardings=setup.topology.replicated)
-  return init(jax.random.key(setup.seed))
+  """The fresh TrainState of the run's seed, each leaf made in its shard.
+
+  Each device computes only its shards (no replicated copy first); the
+  values do not depend on the sharding (JAX's partitionable threefry).
+  """
+  init = functools.partial(_init_state, setup.model, setup.tx_at(0))
+  key = jax.random.key(setup.seed)
+  shardings = setup.topology.shardings(jax.eval_shape(init, key))
+  return jax.jit(init, out_shardings=shardings)(key)
 
 
 def enter_phase(setup: Setup, state: TrainState, step: int) -> TrainState:
@@ -349,7 +369,7 @@ def enter_phase(setup: Setup, state: TrainState, step: int) -> TrainState:
     return state.replace(tx=tx)
   opt_state = hooks.carry_opt_state(hooks.flatten(state.opt_state), tx,
                                     state.params)
-  opt_state = jax.device_put(opt_state, setup.topology.replicated)
   logging.info('Freeze phase at step %d: frozen %s.', step,
                list(setup.freeze.phase_at(step)) or 'nothing')
-  return state.replace(tx=tx, opt_state=opt_state)
+  # Fresh slots follow their params' shardings; carried ones stay put.
+  return setup.topology.place(state.replace(tx=tx, opt_state=opt_state))

@@ -10,7 +10,7 @@ optimizer on the host at every call, is not used.
 """
 
 
-from typing import Any
+from typing import Any, Callable
 
 from clu import metrics
 import flax
@@ -105,8 +105,13 @@ def train_step(state: train_state.TrainState, batch: Batch,
   return state, step_metrics
 
 
+def _unconstrained(tree: Any) -> Any:
+  return tree
+
+
 def train_and_merge(state: train_state.TrainState, totals: TrainMetrics,
-                    batch: Batch, check_finite: bool = True
+                    batch: Batch, check_finite: bool = True,
+                    constrain: Callable[[Any], Any] = _unconstrained
                     ) -> tuple[train_state.TrainState, TrainMetrics]:
   """`train_step`, its metrics added to running totals in the same program.
 
@@ -120,12 +125,15 @@ def train_and_merge(state: train_state.TrainState, totals: TrainMetrics,
       (`TrainMetrics.empty()` to start).
     batch: {'image': [B, 28, 28, 1], 'label': [B]}.
     check_finite: as `train_step`'s.
+    constrain: holds each output leaf to its sharding (the run's
+      `distributed.Topology.constrain`), as `out_shardings` would for a
+      state of fixed structure.
 
   Returns:
     The new state and the totals with this step's metrics merged in.
   """
   state, metrics = train_step(state, batch, check_finite)
-  return state, totals.merge(metrics)
+  return constrain(state), constrain(totals.merge(metrics))
 
 
 def finite_leaves(tree: Any) -> Any:

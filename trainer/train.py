@@ -34,7 +34,8 @@ def _meta(setup: setup_lib.Setup,
   return {'classes': list(setup.classes),
           'data_source': setup.data.source,
           'model': setup.model_name,
-          'surgery': surgery_record}
+          'surgery': surgery_record,
+          'xla': setup.compilation.record()}
 
 
 class Preemption(contextlib.AbstractContextManager):
@@ -215,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'final_eval_accuracy': stats['eval']['accuracy'],
       'train_examples_per_sec': stats['examples_per_sec'],
       'preempted': stats['preempted'],
+      'xla': setup.compilation.record(),
       **host.environment(),
   }
   if jax.process_index() == 0:

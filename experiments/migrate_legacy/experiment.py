@@ -147,7 +147,7 @@ def render(summary: dict[str, Any]) -> str:
       '(`config.init_from` through the pre_restore hook '
       '`migrate_flax_optim`), with its Adam moments and step carried, '
       'against the same migration followed by `reset_slots` over every param '
-      '(fresh moments and per-element counts).',
+      '(fresh moments and counts).',
       '',
       '## Setup',
       '',

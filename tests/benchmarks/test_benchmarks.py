@@ -82,5 +82,10 @@ def test_loop_compiles_each_step_function_once(run):
 
 def test_donor_warm_start_copies_the_needed_leaves(run):
   result = run('donor')
-  for run in result['details']['runs']['partial']:
-    assert len(run['copied']) == 16
+  runs = result['details']['runs']
+  assert sorted(runs) == ['hooks 10% 0.66 MB', 'hooks 50% 0.66 MB',
+                          'orbax 10% 0.66 MB']
+  for name, measured in runs.items():
+    for one in measured:
+      assert len(one['copied']) == (80 if '50%' in name else 16), name
+      assert one['warmed_up'], name

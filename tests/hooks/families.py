@@ -76,7 +76,7 @@ class MLP(nn.Module):
 
 @functools.lru_cache(maxsize=None)
 def optimizer(name: str) -> optax.GradientTransformation:
-  """``'adam'`` (``hooks.optim``, per-element count) or ``'sgd'`` (momentum).
+  """``'adam'`` (``hooks.optim``, a count per tensor) or ``'sgd'`` (momentum).
 
   Cached: states with the same optimizer object share jit traces.
   """
@@ -197,7 +197,7 @@ class Family:
     """A state as after some training, without compiling a step.
 
     Every float leaf (params, batch statistics, slots) is random (``nu``
-    non-negative), every integer leaf (step, per-element counts) is
+    non-negative), every integer leaf (step, Adam's counts) is
     ``step``.
     """
     return perturbed(self.state(opt, seed, **sizes), seed, step)

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import linen as nn
 from flax.training import train_state
 
 from hooks import optim
+from hooks import stored_arrays
 
 
 class TinyCNN(nn.Module):
@@ -149,6 +149,16 @@ class MemoryReader:
     self.reads.append(list(keys))
     return {k: self._flat[k] for k in keys}
 
+  def read_slices(self, key: str, indices: Sequence[Any]
+                  ) -> list[np.ndarray]:
+    self.reads.append([key])
+    return [self._flat[key][tuple(slice(*axis) for axis in index)]
+            for index in indices]
+
+  def chunked(self, key: str) -> bool:
+    del key
+    return False  # Held whole.
+
   def digest(self) -> str:
     sha = hashlib.sha256()
     for key in sorted({k for keys in self.reads for k in keys}):
@@ -167,18 +177,18 @@ class MemoryReader:
 
 
 def spy_on_orbax_reads(monkeypatch: Any) -> list[str]:
-  """Records the names of the tensors orbax deserializes from now on.
+  """Records the names of the stored orbax tensors read from now on.
 
   Names are orbax's dotted ones (``params.head.kernel``,
-  ``Conv_0.kernel.value``); the list grows as reads happen.
+  ``Conv_0.kernel.value``); the list grows as reads happen (donor reads go
+  through ``hooks.stored_arrays.StoredArrays.read``).
   """
   seen: list[str] = []
-  for cls in (ocp.type_handlers.NumpyHandler, ocp.type_handlers.ArrayHandler):
-    original = cls.deserialize
+  original = stored_arrays.StoredArrays.read
 
-    def spy(self, infos, args=None, _original=original):
-      seen.extend(info.name for info in infos)
-      return _original(self, infos, args)
+  def spy(self, name, indices=None):
+    seen.append(name)
+    return original(self, name, indices)
 
-    monkeypatch.setattr(cls, 'deserialize', spy)
+  monkeypatch.setattr(stored_arrays.StoredArrays, 'read', spy)
   return seen

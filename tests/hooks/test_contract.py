@@ -4,7 +4,7 @@ Every registered hook runs over three model families (the seed CNN, a
 BatchNorm net with a ``head``, a small Transformer), each written in Linen
 (a ``TrainState``) and in NNX (``(model, nnx.Optimizer)`` under the same
 flat names, ``tests.hooks.nnx_families``), with Adam (``hooks.optim``,
-per-element counts) and SGD-momentum states, concretely, as a dry run and
+a count per tensor) and SGD-momentum states, concretely, as a dry run and
 over an abstract state (``nnx.eval_shape`` for NNX). Each family has an
 example per hook in ``examples``, shared by both APIs (the coverage test
 fails for a hook without one). Hooks that edit a live state go through
@@ -111,9 +111,14 @@ def _layer_keys(flat: Mapping[str, Any], layer: str) -> list[str]:
 
 def _take(flat: dict[str, Any], layer: str, axis: int,
           index: Sequence[int]) -> dict[str, Any]:
-  """The checkpoint of a run whose ``layer`` had entries ``index`` only."""
+  """The checkpoint of a run whose ``layer`` had entries ``index`` only.
+
+  A count of one value along ``axis`` (``hooks.counts``) stays as it is.
+  """
   out = dict(flat)
   for key in _layer_keys(flat, layer):
+    if '/count/' in key and np.shape(flat[key])[axis] == 1:
+      continue
     out[key] = np.take(np.asarray(flat[key]), np.asarray(index), axis=axis)
   return out
 
@@ -353,6 +358,17 @@ def _layer(key: str, params: set[str]) -> str:
   return path.rpartition('/')[0]
 
 
+def _full(flat: Mapping[str, Any], key: str) -> np.ndarray:
+  """``flat[key]``; a count (``hooks.counts``) broadcast to its param's shape,
+  so that entries compare one by one."""
+  value = np.asarray(flat[key])
+  params = {k.split('/', 1)[1] for k in flat if k.startswith('params/')}
+  owner = _owner(key, params) if '/count/' in key else None
+  if owner is None:
+    return value
+  return np.broadcast_to(value, np.shape(flat[f'params/{owner}']))
+
+
 def _check_labelled(key: str, out: np.ndarray, source: np.ndarray,
                     unpaired: np.ndarray, spec: Labels) -> None:
   for j, i in enumerate(spec.pairs()):
@@ -372,6 +388,7 @@ def _check_values(out: Mapping[str, Any], inp: Mapping[str, Any],
   params = {k.split('/', 1)[1] for k in out if k.startswith('params/')}
   for key, leaf in out.items():
     value = np.asarray(leaf)
+    full = _full(out, key)
     actions = {a.action: a for a in report.actions(key)}
     actions.pop('unchanged', None)
     spec = next((s for s in example.labels
@@ -381,7 +398,8 @@ def _check_values(out: Mapping[str, Any], inp: Mapping[str, Any],
       if spec is None:
         np.testing.assert_array_equal(value, source, err_msg=key)
       else:
-        _check_labelled(key, value, source, np.asarray(inp[key]), spec)
+        _check_labelled(key, full, _full(donor, actions['copied'].source),
+                        _full(inp, key), spec)
     elif 'renamed' in actions:
       np.testing.assert_array_equal(
           value, np.asarray(inp[actions['renamed'].source]), err_msg=key)
@@ -392,8 +410,7 @@ def _check_values(out: Mapping[str, Any], inp: Mapping[str, Any],
           err_msg=key)
     elif actions.keys() & {'relabelled', 'resized'}:
       assert spec is not None, f'{key} was relabelled, not by the example.'
-      _check_labelled(key, value, np.asarray(inp[key]),
-                      np.asarray(fresh[key]), spec)
+      _check_labelled(key, full, _full(inp, key), _full(fresh, key), spec)
     elif actions.keys() & {'reinitialized', 'reset'}:
       np.testing.assert_array_equal(value, np.asarray(fresh[key]),
                                     err_msg=key)
@@ -406,12 +423,18 @@ def _check_values(out: Mapping[str, Any], inp: Mapping[str, Any],
 
 def _check_slots(out: Mapping[str, Any], expected: Mapping[str, Any]
                  ) -> None:
-  """Every slot is shaped like its param, and every param has its slots."""
+  """Every slot is shaped like its param (a count fits it: every axis 1 or
+  the param's), and every param has its slots."""
   params = {k.split('/', 1)[1]: k for k in out if k.startswith('params/')}
   for key, leaf in out.items():
     owner = _owner(key, set(params)) if key.startswith('opt_state/') else None
     if owner is not None and np.ndim(leaf) > 0:
-      assert np.shape(leaf) == np.shape(out[params[owner]]), key
+      shape = np.shape(out[params[owner]])
+      if '/count/' in key:
+        assert len(np.shape(leaf)) == len(shape), key
+        assert all(c in (1, p) for c, p in zip(np.shape(leaf), shape)), key
+      else:
+        assert np.shape(leaf) == shape, key
   have = {k: len(v) for k, v in flat_lib.slot_index(out).items()}
   want = {k: len(v) for k, v in flat_lib.slot_index(expected).items()}
   assert have == want

@@ -82,17 +82,37 @@ def test_copy_params_places_head_columns_by_label_in_every_collection(
       assert out[key] is before[key], key
 
 
+def test_a_pattern_shadowed_by_an_earlier_one_is_not_an_error(target, donor):
+  out, report = _apply(target, {
+      'name': 'copy_params', 'donor': donor, 'include': ['.*', 'Conv_0/.*'],
+      'exclude': ['Dense_.*', 'Dense_1/.*']})
+  copied = [k for k in report.keys()
+            if report.actions(k)[0].action == 'copied']
+  assert copied == ['batch_stats/Conv_0/mean', 'batch_stats/Conv_0/var',
+                    'params/Conv_0/bias', 'params/Conv_0/kernel',
+                    'params/Conv_1/bias', 'params/Conv_1/kernel']
+  assert out['params/Dense_0/bias'] is flat_lib.flatten(target)[
+      'params/Dense_0/bias']
+
+
 def test_copy_slots_moves_slots_like_their_params(target, donor, donor_flat):
   out, report = _apply(target, {'name': 'copy_slots', 'donor': donor,
                                 'labels': HEAD, 'include': ['Dense_.*']})
   before = flat_lib.flatten(target)
   for kind in ('mu', 'nu', 'count'):
     key = SLOT.format(kind, 'Dense_1/kernel')
-    np.testing.assert_array_equal(_np(out[key])[:, 5:], donor_flat[key])
+    donor_value = np.broadcast_to(donor_flat[key], (16, 5))  # Count: (1, 1).
+    np.testing.assert_array_equal(_np(out[key])[:, 5:],
+                                  donor_value[:np.shape(out[key])[0]])
     np.testing.assert_array_equal(_np(out[key])[:, :5], 0)  # Fresh slots.
     assert _np(out[key]).dtype == _np(before[key]).dtype
     key = SLOT.format(kind, 'Dense_0/bias')
     np.testing.assert_array_equal(_np(out[key]), donor_flat[key])
+  # Counts grow along the labelled axis only: the donor's 1, the target's 0.
+  count = SLOT.format('count', 'Dense_1/kernel')
+  np.testing.assert_array_equal(_np(out[count]), [[0] * 5 + [1] * 5])
+  assert [a.describe() for a in report.actions(count)][1] == (
+      'resized (1, 1) -> (1, 10)')
   assert np.abs(donor_flat[SLOT.format('mu', 'Dense_1/kernel')]).sum() > 0
   assert (donor_flat[SLOT.format('count', 'Dense_1/bias')] == 1).all()
   for key in before:  # Params, other layers' slots and counts untouched.

@@ -21,16 +21,11 @@ import pytest
 
 import hooks
 from hooks import flat as flat_lib
+from hooks import nnx_donor
 from tests import legacy as legacy_lib
 from tests.hooks import checkpoints
 from tests.hooks import helpers
 from tests.hooks import models
-
-# After the damaged-donor reads fail, orbax's background callbacks may reach
-# their closed event loop later, during any test: pytest reports that as an
-# unraisable exception. It is orbax's, after the DonorError was raised.
-pytestmark = pytest.mark.filterwarnings(
-    'ignore::pytest.PytestUnraisableExceptionWarning')
 
 KEYS = ['params/head/kernel', 'batch_stats/BatchNorm_0/var',
         'opt_state/0/mu/Conv_0/kernel', 'step']
@@ -66,7 +61,7 @@ def older():
 
 @pytest.fixture
 def reads(monkeypatch):
-  """Names of the tensors orbax deserializes (``params.head.kernel``)."""
+  """Names of the stored tensors read (``params.head.kernel``)."""
   return helpers.spy_on_orbax_reads(monkeypatch)
 
 
@@ -320,3 +315,106 @@ def test_open_errors(tmp_path):
   with pytest.raises(hooks.DonorError, match=r"strings lists no tensors in its metadata"):
     hooks.open_donor(str(tmp_path / 'strings'))
   assert issubclass(hooks.DonorError, ValueError)
+
+
+KERNEL = 'params/Dense_0/kernel'
+# Parts of the (512, 256) kernel: 2 of the 8 chunks of 64 KiB (128 x 128).
+PARTS = [((0, 128), (0, 128)), ((384, 512), (128, 256))]
+
+
+def _rchar():
+  with open('/proc/self/io') as f:
+    return int(next(line for line in f if line.startswith('rchar:')).split()[1])
+
+
+@pytest.fixture(scope='module')
+def kernels(tmp_path_factory):
+  """One (512, 256) kernel saved chunked (a CheckpointManager step), whole
+  (StandardCheckpointer), as msgpack, and as an nnx.state."""
+  directory = tmp_path_factory.mktemp('kernels')
+  kernel = np.random.default_rng(0).normal(size=(512, 256)).astype(np.float32)
+  tree = {'params': {'Dense_0': {'kernel': kernel,
+                                 'bias': np.ones(256, np.float32)}}}
+  chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=64 * 1024),
+                         tree)
+  with ocp.CheckpointManager(directory / 'chunked') as manager:
+    manager.save(1, args=ocp.args.StandardSave(tree, save_args=chunked))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / 'whole', tree)
+  checkpointer.save(directory / 'nnx', {'Dense_0': {'kernel': {
+      'value': kernel}}})
+  checkpointer.wait_until_finished()
+  checkpoints.save_msgpack(str(directory / 'packed'), tree)
+  return kernel, {name: str(directory / name)
+                  for name in ('chunked', 'whole', 'packed', 'nnx')}
+
+
+def test_read_slices_reads_only_the_chunks_of_the_parts(kernels):
+  kernel, paths = kernels
+  for name, chunked in (('chunked', True), ('whole', False),
+                        ('packed', False)):
+    reader = hooks.open_donor(paths[name])
+    assert reader.chunked(KERNEL) is chunked, name
+    before = _rchar()
+    parts = reader.read_slices(KERNEL, PARTS)
+    read = _rchar() - before
+    np.testing.assert_array_equal(parts[0], kernel[:128, :128], strict=True)
+    np.testing.assert_array_equal(parts[1], kernel[384:, 128:], strict=True)
+    if name == 'chunked':  # 2 chunks of 8, and the chunks' index.
+      assert read < 0.35 * kernel.nbytes, read
+    elif name == 'whole':  # The one chunk: the whole (compressed) tensor.
+      assert read > 0.8 * kernel.nbytes, read
+  assert not hooks.open_donor(paths['chunked']).chunked(
+      'params/Dense_0/bias')  # 1 KiB: one chunk.
+
+
+def test_parts_read_count_in_the_digest_in_any_order_and_form(kernels):
+  _, paths = kernels
+  chunked, whole, packed = (hooks.open_donor(paths[name])
+                            for name in ('chunked', 'whole', 'packed'))
+  chunked.read_slices(KERNEL, PARTS)
+  whole.read_slices(KERNEL, PARTS[::-1])
+  packed.read_slices(KERNEL, PARTS)
+  assert chunked.digest() == whole.digest() == packed.digest()
+  assert chunked.provenance()['keys_read'] == [KERNEL]
+  one = hooks.open_donor(paths['whole'])
+  one.read_slices(KERNEL, PARTS[:1])
+  assert one.digest() != whole.digest()  # Other parts read.
+  one.read([KERNEL])
+  assert one.digest() not in (whole.digest(), hooks.open_donor(
+      paths['whole']).digest())  # The whole tensor now.
+  with pytest.raises(hooks.DonorError, match=r"no key\(s\):\n  params/Dense_0/kernal"):
+    whole.read_slices('params/Dense_0/kernal', PARTS)
+
+
+def test_an_nnx_state_view_reads_parts_under_the_target_names(kernels):
+  kernel, paths = kernels
+  reader = hooks.open_donor(paths['nnx'])
+  assert reader.form == nnx_donor.FORM
+  view = nnx_donor.view(reader, {'Dense_0/kernel': [KERNEL]})
+  assert view.chunked(KERNEL) is False
+  part, = view.read_slices(KERNEL, PARTS[1:])
+  np.testing.assert_array_equal(part, kernel[384:, 128:], strict=True)
+  assert reader.provenance()['keys_read'] == ['Dense_0/kernel/value']
+
+
+@pytest.mark.parametrize('use_ocdbt, use_zarr3', [(False, False), (True, True),
+                                                  (False, True)])
+def test_every_orbax_storage_reads_whole_and_in_parts(tmp_path, use_ocdbt,
+                                                      use_zarr3):
+  """A zarr directory per array (older orbax) and zarr3, besides the default."""
+  kernel = np.random.default_rng(1).normal(size=(512, 256)).astype(np.float32)
+  tree = {'params': {'Dense_0': {'kernel': kernel}}, 'step': np.int32(2)}
+  save_args = {'params': {'Dense_0': {'kernel': ocp.SaveArgs(
+      chunk_byte_size=64 * 1024)}}, 'step': ocp.SaveArgs()}
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt,
+                                        use_zarr3=use_zarr3)
+  ocp.Checkpointer(handler).save(tmp_path / 'item', args=ocp.args.PyTreeSave(
+      tree, save_args=save_args))
+  reader = hooks.open_donor(str(tmp_path / 'item'))
+  out = reader.read([KERNEL, 'step'])
+  np.testing.assert_array_equal(out[KERNEL], kernel, strict=True)
+  assert out['step'] == 2
+  assert reader.chunked(KERNEL)
+  part, = reader.read_slices(KERNEL, PARTS[1:])
+  np.testing.assert_array_equal(part, kernel[384:, 128:], strict=True)

@@ -150,6 +150,21 @@ def test_unfreeze_carries_slots_and_traces_once_per_phase():
   np.testing.assert_array_equal(state.opt_state[0].count['Conv_0']['kernel'], 3)
 
 
+def test_freezing_carries_a_count_that_surgery_grew():
+  state = helpers.make_state(optim.adam(1e-2))
+  flat = flat_lib.flatten(state)
+  grown = jnp.array([[3, 3, 3, 0, 0]], jnp.int32)  # As after a resize.
+  flat['opt_state/0/count/Dense_1/kernel'] = grown
+  state = flat_lib.unflatten(flat, state)
+  frozen = hooks.freeze_state(state, ['Conv_0/.*'])
+  carried = flat_lib.flatten(frozen)[FROZEN_SLOT.format('count',
+                                                        'Dense_1/kernel')]
+  assert carried is grown
+  thawed = flat_lib.flatten(hooks.freeze_state(frozen, []))
+  assert thawed['opt_state/0/count/Dense_1/kernel'] is grown
+  np.testing.assert_array_equal(thawed['opt_state/0/count/Conv_0/kernel'], 0)
+
+
 def test_carry_keeps_schedule_count_and_checks_shapes():
   params = helpers.init_params()
   tx = optim.adam(optax.linear_schedule(1e-2, 0.0, 100))

@@ -163,13 +163,21 @@ def test_map_labels_remaps_vocabulary_rows_and_columns_with_their_slots(
                               fresh=lambda: target)
   old, new, fresh = (flat_lib.flatten(s) for s in (state, out, target))
   kept, src = [1, 2, 4], [2, 0, 5]  # c, a, f.
-  for key in [k for k in old if k.endswith('Embed_0/embedding')]:
+  slots = [k for k in old if '/count/' not in k]
+  for key in [k for k in slots if k.endswith('Embed_0/embedding')]:
     assert _np(new[key])[kept].tobytes() == _np(old[key])[src].tobytes(), key
     np.testing.assert_array_equal(_np(new[key])[[0, 3]],
                                   _np(fresh[key])[[0, 3]])
-  for key in [k for k in old if k.endswith('head/kernel')]:
+  for key in [k for k in slots if k.endswith('head/kernel')]:
     assert _np(new[key])[:, kept].tobytes() == _np(old[key])[:, src].tobytes()
     np.testing.assert_array_equal(_np(new[key])[:, [0, 3]], 0)
+  # Counts grow along the relabelled axis only: kept entries keep theirs.
+  steps = int(_np(old['opt_state/0/count/Embed_0/embedding']).ravel()[0])
+  assert steps > 0
+  np.testing.assert_array_equal(_np(new['opt_state/0/count/Embed_0/embedding']),
+                                [[0], [steps], [steps], [0], [steps]])
+  np.testing.assert_array_equal(_np(new['opt_state/0/count/head/kernel']),
+                                [[0, steps, steps, 0, steps]])
   mu = 'opt_state/0/mu/Embed_0/embedding'
   assert np.abs(_np(old[mu])).sum() > 0
   np.testing.assert_array_equal(_np(new[mu])[[0, 3]], 0)  # Fresh slots.
@@ -188,6 +196,8 @@ def test_map_labels_permutes_in_place_and_reports_relabelled(trained):
   for key in ('params/head/kernel', 'opt_state/0/nu/head/kernel'):
     np.testing.assert_array_equal(_np(new[key]), _np(old[key])[:, ::-1])
     assert report.actions(key)[0].action == 'relabelled'
+  count = 'opt_state/0/count/head/kernel'  # Every column kept: one count.
+  assert np.shape(new[count]) == (1, 1) and _np(new[count]) == _np(old[count])
   assert new['params/Embed_0/embedding'] is old['params/Embed_0/embedding']
 
 

@@ -112,7 +112,8 @@ def test_reset_slots_keeps_the_params(opt_name, slots):
   for slot in slots:
     for name in ('kernel', 'bias'):
       value = _v(getattr(opt.opt_state[0], slot)['Conv_0'][name])
-      assert value.shape == _v(getattr(model.Conv_0, name)).shape
+      shape = _v(getattr(model.Conv_0, name)).shape
+      assert value.shape == ((1,) * len(shape) if slot == 'count' else shape)
       np.testing.assert_array_equal(value, 0)
       key = f'opt_state/0/{slot}/Conv_0/{name}'
       assert np.any(before[key] != 0), key  # It was reset, not kept.
@@ -166,16 +167,19 @@ def test_resize_head_moves_columns_and_their_slots(tmp_path):
   for name in ('kernel', 'bias'):
     got = {'params': _v(getattr(model.head, name)),
            **{s: _adam(opt, s, 'head', name) for s in ('mu', 'nu', 'count')}}
+    shapes = (got['params'].shape, donor[f'params/head/{name}'].shape)
     for part, value in got.items():
       key = (f'params/head/{name}' if part == 'params'
              else f'opt_state/0/{part}/head/{name}')
-      assert value.shape[-1] == 5, key
-      np.testing.assert_array_equal(value[..., :4], donor[key][..., source],
-                                    err_msg=key)
-      np.testing.assert_array_equal(value[..., 4], np.asarray(
-          fresh_flat[key])[..., 4], err_msg=key)
-  np.testing.assert_array_equal(_adam(opt, 'count', 'head', 'kernel')[:, 4],
-                                0)  # A new class's first step is Adam's first.
+      assert value.shape[-1] == 5, key  # A count grows along the classes.
+      value = np.broadcast_to(value, shapes[0])
+      np.testing.assert_array_equal(
+          value[..., :4], np.broadcast_to(donor[key], shapes[1])[..., source],
+          err_msg=key)
+      np.testing.assert_array_equal(value[..., 4], np.broadcast_to(
+          fresh_flat[key], shapes[0])[..., 4], err_msg=key)
+  np.testing.assert_array_equal(_adam(opt, 'count', 'head', 'kernel'),
+                                [[7, 7, 7, 7, 0]])  # New class: Adam's first.
   np.testing.assert_array_equal(_v(model.Dense_0.kernel),
                                 donor['params/Dense_0/kernel'])
 
@@ -199,10 +203,14 @@ def test_map_labels_moves_embedding_rows_and_their_adam_slots():
          **{f'opt_state/0/{s}/Embed_0/embedding':
             _adam(opt, s, 'Embed_0', 'embedding')
             for s in ('mu', 'nu', 'count')}}
+  shape = got['params/Embed_0/embedding'].shape
+  assert got['opt_state/0/count/Embed_0/embedding'].shape == (len(new), 1)
   for key, value in got.items():
+    value = np.broadcast_to(value, shape)
+    wanted = np.broadcast_to(fresh_flat[key], shape), np.broadcast_to(
+        before[key], (len(vocab), shape[1]))
     for j, i in enumerate(rows):
-      want = (np.asarray(fresh_flat[key])[j] if i is None
-              else before[key][i])
+      want = wanted[0][j] if i is None else wanted[1][i]
       np.testing.assert_array_equal(value[j], want, err_msg=f'{key} row {j}')
   assert np.all(got['opt_state/0/count/Embed_0/embedding'][[4, 5]] == 0)
   assert np.all(got['opt_state/0/count/Embed_0/embedding'][[0, 1]] == 3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +75,34 @@ def test_apply_checks_the_structure_after_each_hook():
 
   with pytest.raises(hooks.StructureError, match=r"state after hook #0 'grow'"):
     hooks.apply(_state(), [grow], rng=jax.random.key(0))
+
+
+def test_the_garbage_collector_is_paused_during_surgery_and_restored():
+  seen = []
+
+  def record(flat, ctx):
+    del ctx
+    seen.append(gc.isenabled())
+    return dict(flat)
+
+  def boom(flat, ctx):
+    del flat, ctx
+    raise RuntimeError('boom')
+
+  assert gc.isenabled()
+  hooks.apply(_state(), [record], rng=jax.random.key(0))
+  hooks.run_flat(flat_lib.flatten(_state()), [record], rng=jax.random.key(0),
+                 expected=hooks.expected_structure(flat_lib.flatten(_state())))
+  assert seen == [False, False] and gc.isenabled()
+  with pytest.raises(hooks.HookError, match='boom'):
+    hooks.apply(_state(), [boom], rng=jax.random.key(0))
+  assert gc.isenabled()
+  gc.disable()  # The caller's choice stands.
+  try:
+    hooks.apply(_state(), [record], rng=jax.random.key(0))
+    assert not gc.isenabled()
+  finally:
+    gc.enable()
 
 
 def test_fresh_is_built_once_rngs_differ_and_a_missing_fresh_is_explained():

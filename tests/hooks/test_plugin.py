@@ -123,16 +123,23 @@ def test_vocabulary_remap_keeps_shared_rows_and_their_adam_slots(vocab_run):
       axis = 0 if layer == 'Embed_0' else -1
       if value.ndim == 1:  # The head's bias: one entry per token.
         axis = 0
+      donor_value, fresh_value = donor[key], fresh[key]
+      if '/count/' in key:  # One count per tensor, grown along the tokens.
+        param = 'params/' + key.split('/count/', 1)[1]
+        assert value.shape[axis] == got[param].shape[axis], key
+        value = np.broadcast_to(value, got[param].shape)
+        donor_value = np.broadcast_to(donor_value, donor[param].shape)
+        fresh_value = np.broadcast_to(fresh_value, fresh[param].shape)
       np.testing.assert_array_equal(
-          np.take(value, shared, axis), np.take(donor[key], from_donor, axis),
+          np.take(value, shared, axis), np.take(donor_value, from_donor, axis),
           err_msg=f'{key}: shared tokens')
       np.testing.assert_array_equal(
-          np.take(value, added, axis), np.take(fresh[key], added, axis),
+          np.take(value, added, axis), np.take(fresh_value, added, axis),
           err_msg=f'{key}: new tokens')
       if key.startswith('opt_state/'):
         checked += 1
         # What was kept is the donor's training, what is new is fresh.
-        assert np.all(np.take(donor[key], from_donor, axis) != 0), key
+        assert np.all(np.take(donor_value, from_donor, axis) != 0), key
         assert not np.any(np.take(value, added, axis)), key
   assert checked == 3 * 3  # mu, nu, count of embedding, kernel and bias.
   assert got['opt_state/0/count/Embed_0/embedding'][shared].min() == 2

@@ -70,14 +70,22 @@ def test_grow_five_to_ten_keeps_columns_and_slots_by_label(checkpoint, five,
     np.testing.assert_array_equal(_np(out[key])[..., :5], _np(five[key]))
     np.testing.assert_array_equal(_np(out[key])[..., 5:],
                                   _np(ten[key])[..., 5:])  # init='init'.
-    for kind in ('mu', 'nu', 'count'):
+    for kind in ('mu', 'nu'):
       slot = SLOT.format(kind, name)
       new = _np(out[slot])
       assert new.shape == ten[slot].shape and new.dtype == ten[slot].dtype
       assert new[..., :5].tobytes() == _np(five[slot]).tobytes()  # Bitwise.
-      np.testing.assert_array_equal(new[..., 5:], 0)  # Fresh: zeros, count 0.
-  np.testing.assert_array_equal(_np(out[SLOT.format('count', 'kernel')])[:, :5],
-                                1)
+      np.testing.assert_array_equal(new[..., 5:], 0)  # Fresh: zeros.
+  # The counts grow along the edited axis only: kept columns at 1, new at 0.
+  count = SLOT.format('count', 'kernel')
+  assert ten[count].shape == _np(five[count]).shape == (1, 1)
+  np.testing.assert_array_equal(_np(out[count]), [[1] * 5 + [0] * 5])
+  assert _np(out[count]).dtype == np.int32
+  np.testing.assert_array_equal(_np(out[SLOT.format('count', 'bias')]),
+                                [1] * 5 + [0] * 5)
+  assert [a.describe() for a in report.actions(count)] == [
+      'resized (1, 1) -> (1, 10) (columns by label: 0..4 <- incoming '
+      'columns 0..4; new: 5..9 (init))']
   assert [a.describe() for a in report.actions('params/Dense_1/kernel')] == [
       'resized (16, 5) -> (16, 10) (columns by label: 0..4 <- incoming '
       'columns 0..4; new: 5..9 (init))']

@@ -65,11 +65,37 @@ def test_check_structure_lists_every_problem():
   assert 'Fix:' in msg
 
 
+def test_a_count_may_take_any_shape_that_fits_its_param():
+  expected = {'params/head/kernel': SDS((256, 10), jnp.float32),
+              'opt_state/0/count/head/kernel': SDS((1, 1), jnp.int32),
+              'opt_state/0/mu/head/kernel': SDS((256, 10), jnp.float32)}
+  state = dict(expected)
+  for shape in ((1, 10), (256, 1), (256, 10)):  # Grown, or per element.
+    state['opt_state/0/count/head/kernel'] = SDS(shape, jnp.int32)
+    validation.check_structure(state, expected)
+  bad = {'opt_state/0/count/head/kernel': SDS((2, 10), jnp.int32),  # Not 1.
+         'opt_state/0/mu/head/kernel': SDS((1, 10), jnp.float32)}  # No count.
+  with pytest.raises(validation.StructureError) as e:
+    validation.check_structure({**expected, **bad}, expected)
+  assert sorted(e.value.mismatched) == sorted(bad)
+  with pytest.raises(validation.StructureError, match='got .1, 10. int8'):
+    validation.check_structure({**expected, 'opt_state/0/count/head/kernel':
+                                SDS((1, 10), jnp.int8)}, expected)
+
+
 def test_match_keys_first_match_wins_in_key_order():
   keys = ['Conv_0/kernel', 'Conv_0/bias', 'Dense_0/kernel', 'Dense_1/kernel']
   got = validation.match_keys(['Conv_0/kernel', 'Conv_.*', '.*/kernel'], keys)
   assert got == {'Conv_0/kernel': 0, 'Conv_0/bias': 1, 'Dense_0/kernel': 2, 'Dense_1/kernel': 2}
   assert list(got) == ['Conv_0/kernel', 'Conv_0/bias', 'Dense_0/kernel', 'Dense_1/kernel']
+
+
+def test_match_keys_a_pattern_shadowed_by_an_earlier_one_still_matches():
+  keys = ['Conv_0/kernel', 'Dense_0/kernel']
+  got = validation.match_keys(['.*', 'Conv_0/.*', '.*/kernel'], keys)
+  assert got == {'Conv_0/kernel': 0, 'Dense_0/kernel': 0}
+  with pytest.raises(ValueError, match=r"^Key pattern 'x' matches none"):
+    validation.match_keys(['.*', 'Conv_0/.*', 'x', 'y'], keys)
 
 
 def test_match_keys_is_a_full_match():

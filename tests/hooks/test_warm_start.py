@@ -104,8 +104,12 @@ def test_donor_slots_and_step_move_like_the_params(target, donor, donor_flat):
       np.testing.assert_array_equal(_np(out[key]), donor_flat[key])
       assert report.actions(key)[0].source == key
     key = SLOT.format(kind, 'Dense_1/kernel')
-    np.testing.assert_array_equal(_np(out[key])[:, :5], donor_flat[key])
+    donor_value = np.broadcast_to(donor_flat[key], (16, 5))  # Count: (1, 1).
+    np.testing.assert_array_equal(_np(out[key])[:, :5],
+                                  donor_value[:np.shape(out[key])[0]])
     np.testing.assert_array_equal(_np(out[key])[:, 5:], 0)  # Fresh slots.
+  # The head's count grew along the labelled axis only.
+  assert np.shape(out[SLOT.format('count', 'Dense_1/kernel')]) == (1, 10)
   assert np.abs(donor_flat[SLOT.format('mu', 'Dense_1/kernel')]).sum() > 0
   for key in ('step', 'opt_state/count',
               'opt_state/hyperparams_states/learning_rate/count'):
