@@ -10,6 +10,7 @@ and B in alternating subprocesses.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import statistics
@@ -219,23 +220,40 @@ def environment_cells(env: dict[str, Any]) -> tuple[str, str]:
           f"{env['jax_backend']} {env['device_kind']} x{env['device_count']}")
 
 
+def _result_files(out_dir: str, names: Sequence[str]
+                  ) -> list[tuple[str, str]]:
+  """(label, path) of each result: `<name>.json`, then `<name>@<machine>.json`.
+
+  A `<name>@<machine>.json` is the same benchmark's result measured on
+  another machine (e.g. `step@nvidia-h200.json`, from a lent GPU) and copied
+  here; its rows carry that machine's environment.
+  """
+  files = []
+  for name in names:
+    path = os.path.join(out_dir, f'{name}.json')
+    if os.path.exists(path):
+      files.append((name, path))
+    for other in sorted(glob.glob(os.path.join(out_dir, f'{name}@*.json'))):
+      machine = os.path.basename(other)[len(name) + 1:-len('.json')]
+      files.append((f'{name} ({machine})', other))
+  return files
+
+
 def write_table(out_dir: str, names: Sequence[str]) -> str:
   """Writes out_dir/README.md: one row per figure of every result there."""
   rows = ['| benchmark | figure | value | goal | met | before | jax / jaxlib '
           '| device | command |',
           '|---|---|---|---|---|---|---|---|---|']
   notes = []
-  for name in names:
-    path = os.path.join(out_dir, f'{name}.json')
-    if not os.path.exists(path):
-      continue
+  for name, path in _result_files(out_dir, names):
     with open(path) as f:
       result = json.load(f)
     env = result['environment']
     versions, device = environment_cells(env)
     for fig in result['figures']:
       met = {True: 'yes', False: '**no**', None: '-'}[fig['met']]
-      before = fig.get('before')
+      # `before` was measured on this machine: no before for another's.
+      before = fig.get('before') if '@' not in os.path.basename(path) else None
       rows.append(
           f"| {name} | {fig['figure']} | {_fmt(fig['value'])} {fig['unit']} "
           f"| {fig['goal']} | {met} | "
