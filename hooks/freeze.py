@@ -25,6 +25,7 @@ from hooks import flat as flat_lib
 from hooks import nnx_freeze
 from hooks import nnx_state
 from hooks import validation
+from hooks.runner import gc_paused
 
 __all__ = [
     'FROZEN',
@@ -63,17 +64,15 @@ def freeze_labels(params: Any, patterns: Sequence[str]) -> Any:
     ValueError: If a pattern is invalid or matches no param, or if every
       param would be frozen.
   """
-  paths = list(flat_lib.flatten(params))
-  frozen = validation.match_keys(patterns, paths)
-  if len(frozen) == len(paths):
+  flat, rebuild = flat_lib.flatten_with_rebuild(params)  # One flatten.
+  frozen = validation.match_keys(patterns, flat)
+  if len(frozen) == len(flat):
     raise ValueError(
-        f'Freeze patterns {list(patterns)} match all {len(paths)} params: '
+        f'Freeze patterns {list(patterns)} match all {len(flat)} params: '
         'nothing left to train. Narrow the patterns or drop this phase.'
     )
-  return jax.tree_util.tree_unflatten(
-      jax.tree_util.tree_structure(params),
-      [FROZEN if path in frozen else TRAINABLE for path in paths],
-  )
+  return rebuild({path: FROZEN if path in frozen else TRAINABLE
+                  for path in flat})
 
 
 class FrozenTransformation(optax.GradientTransformationExtraArgs):
@@ -124,6 +123,7 @@ def stop_frozen_gradients(params: Any, tx: Any) -> Any:
   )
 
 
+@gc_paused()  # Labels for every param: a collection would walk them all.
 def freeze(
     tx: optax.GradientTransformation,
     params: Any,

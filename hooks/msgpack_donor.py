@@ -39,6 +39,37 @@ def _stored_step(tree: Mapping[str, Any]) -> int | None:
   return int(value)
 
 
+def _arrays(flat: Mapping[str, Any]
+            ) -> tuple[dict[str, np.ndarray], dict[str, jax.ShapeDtypeStruct]]:
+  """The numeric leaves as arrays of canonical dtypes, and their structure.
+
+  Per leaf type and dtype, the checks run once; leaves of one shape and
+  dtype share a ``ShapeDtypeStruct`` (building one costs microseconds).
+  """
+  arrays, structure = {}, {}
+  wanted: dict[np.dtype, np.dtype | None] = {}  # None: not a tensor.
+  structs: dict[tuple[Any, np.dtype], jax.ShapeDtypeStruct] = {}
+  for key, value in flat.items():
+    if type(value) is not np.ndarray:  # pylint: disable=unidiomatic-typecheck
+      value = np.asarray(value)  # Python and numpy scalars.
+    dtype = value.dtype
+    if dtype not in wanted:  # Strings and the like are not tensors.
+      wanted[dtype] = (None if dtype == object or dtype.kind in 'USV'
+                       else canonical(dtype))
+    want = wanted[dtype]
+    if want is None:
+      continue
+    if want != dtype:
+      value = value.astype(want)
+    arrays[key] = value
+    struct = structs.get((value.shape, want))
+    if struct is None:
+      struct = structs[value.shape, want] = jax.ShapeDtypeStruct(
+          value.shape, want)
+    structure[key] = struct
+  return arrays, structure
+
+
 class MsgpackReader(Reader):
   """A flax msgpack file, decoded whole with ``msgpack_restore`` (no pickle).
 
@@ -71,15 +102,10 @@ class MsgpackReader(Reader):
           'the msgpack of a TrainState, its params or a flax.optim '
           'optimizer.')
     try:
-      flat = flat_lib.flatten_raw(tree)
+      flat = flat_lib.flatten(tree)  # flatten_raw's keys; arrays below.
     except ValueError as e:
       raise DonorError(f'Donor {path!r}: {e}') from e
-    self._flat = {}
-    for key, value in flat.items():
-      value = np.asarray(value)
-      if value.dtype == object or value.dtype.kind in 'USV':
-        continue  # Strings and the like are not tensors.
-      self._flat[key] = value.astype(canonical(value.dtype), copy=False)
+    self._flat, structure = _arrays(flat)
     if not self._flat:
       raise DonorError(
           f'Donor {path!r}: the file {file} holds no arrays; expected the '
@@ -87,8 +113,6 @@ class MsgpackReader(Reader):
     form = 'flax-optim-msgpack' if _is_flax_optim(tree) else 'flax-msgpack'
     if step is None:  # The file's name gives none: a flax.optim file's own.
       step = _stored_step(tree)
-    structure = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                 for k, v in self._flat.items()}
     super().__init__(path, form, step, None, {}, structure)
 
   def _read(self, keys: list[str]) -> Mapping[str, Any]:

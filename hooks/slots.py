@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,12 +34,40 @@ def slot_index(flat: Mapping[str, Any]) -> dict[str, list[str]]:
     ``params/<p>`` -> sorted slot keys, for every param (an empty list when the
     param has no slots, e.g. under SGD or when frozen).
   """
-  params = {k[len(_PARAMS):]: k for k in flat if k.startswith(_PARAMS)}
-  index: dict[str, list[str]] = {k: [] for k in params.values()}
+  index = {}
+  fits: dict[tuple[Any, Any], bool] = {}  # A handful of count shapes.
+  for param_key, candidates in _CANDIDATES.get(tuple(flat)):
+    slots = index[param_key] = []
+    if not candidates:
+      continue
+    param_shape = _shape(flat[param_key])
+    for key, is_count in candidates:
+      shape = _shape(flat[key])
+      if shape == param_shape:
+        slots.append(key)
+      elif is_count:
+        pair = (shape, param_shape)
+        if pair not in fits:
+          fits[pair] = counts.fits(shape, param_shape)
+        if fits[pair]:
+          slots.append(key)
+  return index
+
+
+Candidates = list[tuple[str, list[tuple[str, bool]]]]
+
+
+def _candidates(keys: tuple[str, ...]) -> Candidates:
+  """``(param key, [(slot key, is_count), ...])`` that keys alone allow.
+
+  Slot keys are sorted; only their shapes remain to be checked.
+  """
+  params = {k[len(_PARAMS):]: k for k in keys if k.startswith(_PARAMS)}
+  found: dict[str, list[tuple[str, bool]]] = {k: [] for k in params.values()}
   # Suffixes to try, longest first ('b/a/kernel' beats 'a/kernel'): only
   # as many parts as some param path has.
   depths = sorted({p.count('/') + 1 for p in params}, reverse=True)
-  for key, leaf in flat.items():
+  for key in keys:
     if not key.startswith(_OPT_STATE):
       continue
     parts = key.split('/')
@@ -47,13 +76,37 @@ def slot_index(flat: Mapping[str, Any]) -> dict[str, list[str]]:
         continue
       suffix = '/'.join(parts[-depth:])
       if suffix in params:
-        param_key = params[suffix]
-        shape, param_shape = _shape(leaf), _shape(flat[param_key])
-        if shape == param_shape or (parts[-depth - 1] == counts.NAME
-                                    and counts.fits(shape, param_shape)):
-          index[param_key].append(key)
+        found[params[suffix]].append((key, parts[-depth - 1] == counts.NAME))
         break
-  return {k: sorted(v) for k, v in index.items()}
+  return [(k, sorted(v)) for k, v in found.items()]
+
+
+class _CandidatesByKeys:
+  """``_candidates`` of the last few key sets.
+
+  Parsing keys costs microseconds a key, and a surgery indexes the same keys
+  several times (hooks, the report): hashing and comparing the key tuple
+  costs a few nanoseconds a key (the strings hash once, and equal keys are
+  mostly the same objects).
+  """
+
+  def __init__(self, size: int = 8):
+    self._size = size
+    self._hits: collections.OrderedDict[tuple[str, ...], Candidates] = (
+        collections.OrderedDict())
+
+  def get(self, keys: tuple[str, ...]) -> Candidates:
+    hit = self._hits.get(keys)
+    if hit is None:
+      hit = self._hits[keys] = _candidates(keys)
+      if len(self._hits) > self._size:
+        self._hits.popitem(last=False)
+    else:
+      self._hits.move_to_end(keys)
+    return hit
+
+
+_CANDIDATES = _CandidatesByKeys()
 
 
 def _shape(leaf: Any) -> tuple[int, ...]:

@@ -164,11 +164,23 @@ def expected_structure(
     same shape and dtype share one.
   """
   # A state of 10^4 leaves has a handful of distinct (shape, dtype) pairs,
-  # and building a ShapeDtypeStruct costs microseconds.
+  # and building a ShapeDtypeStruct costs microseconds; so does isinstance
+  # against jax.Array, asked once per leaf type here. A jax.Array's shape
+  # and dtype are its aval's (two property calls saved).
   structs: dict[Any, jax.ShapeDtypeStruct] = {}
+  kinds: dict[type, int] = {}  # Type -> 0: shape_dtype, 1: as is, 2: aval.
   out = {}
   for key, leaf in flat.items():
-    pair = shape_dtype(leaf)
+    kind = kinds.get(type(leaf))
+    if kind is None:
+      kind = kinds[type(leaf)] = (
+          2 if issubclass(type(leaf), jax.Array) else
+          int(issubclass(type(leaf), jax.ShapeDtypeStruct)))
+    if kind == 2:
+      aval = leaf.aval
+      pair = (aval.shape, aval.dtype)
+    else:
+      pair = (leaf.shape, leaf.dtype) if kind else shape_dtype(leaf)
     struct = structs.get(pair)
     if struct is None:
       struct = structs[pair] = _struct(pair)
