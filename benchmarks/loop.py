@@ -98,6 +98,21 @@ def _named_compiles(epochs: int, per_epoch: int) -> dict[str, int]:
   return compiles.names
 
 
+def _child_cache(size: common.Size) -> dict[str, str]:
+  """The tiny size's child reads this process's persistent compilation cache.
+
+  The tests turn JAX's cache on for their process: the child then reads the
+  steps compiled here instead of compiling them again. Its counts do not
+  change (jax_log_compiles logs every lowering, read from the cache or not);
+  the full size, and a process without a cache, leave the child's alone.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  cache_dir = jax.config.jax_compilation_cache_dir
+  if not size.tiny or not cache_dir:
+    return {}
+  return {'JAX_COMPILATION_CACHE_DIR': cache_dir}
+
+
 def run(size: common.Size) -> dict[str, Any]:
   """Times the loop's epochs against pure steps; counts compiles."""
   cfg = fixtures.config(**{
@@ -162,7 +177,8 @@ def run(size: common.Size) -> dict[str, Any]:
       seconds['loop_epoch'], seconds['pure_steps'])) - 1
   compile_epochs = (1,) if size.tiny else (1, 3)
   named = {e: common.run_child(['-m', 'benchmarks.loop', str(e),
-                                str(per_epoch)]) for e in compile_epochs}
+                                str(per_epoch)], **_child_cache(size))
+           for e in compile_epochs}
   one, many = named[1], named[compile_epochs[-1]]
   per_run = {'train_step': one.get(TRAIN_STEP, 0),
              'eval_step': one.get('jit(eval_step)', 0)}
