@@ -1,9 +1,11 @@
 """The stored values of an orbax PyTree item, checked before a restore.
 
-For code that restores an item with orbax (the trainer's resume): orbax
-reads every array at once. Donor reads need no such check: they read one
-array at a time with tensorstore (``hooks.stored_arrays``), so a damaged
-file fails that read alone.
+For the trainer's resume (orbax reads every array at once) and for donor
+reads (``hooks.orbax_donor``): a tensorstore read of a damaged item can
+succeed (a warm start from a donor with its largest data file cut in half
+did, in tests/trainer/test_damaged.py), so the raw bytes of what is read are
+checked first. Reads of parts of a tensor (``read_slices``, for
+sharded targets) are not checked this way.
 """
 
 from __future__ import annotations

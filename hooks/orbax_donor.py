@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from hooks import flat as flat_lib
 from hooks import nnx_donor
+from hooks import ocdbt
 from hooks import stored_arrays
 from hooks.readers import canonical
 from hooks.readers import damaged
@@ -244,6 +245,12 @@ class OrbaxReader(Reader):
                     f'failed ({_cause(e)})') from None
 
   def _read(self, keys: list[str]) -> Mapping[str, Any]:
+    # A read of a damaged item can succeed: check the raw bytes first.
+    try:
+      ocdbt.check_values(self._item_dir, keys)
+    except Exception as e:  # pylint: disable=broad-except
+      raise damaged(self.path, self._step_dir,
+                    f'{self._item_dir} ({_cause(e)})') from None
     return {key: self._stored(key, None)[0] for key in keys}  # One by one.
 
   def _read_slices(self, key: str, indices: list[Index]) -> list[Any]:
