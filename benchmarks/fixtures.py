@@ -97,12 +97,7 @@ def config(**overrides: Any) -> Any:
   """The default config on the embedded data, with dotted-key overrides."""
   cfg = default.get_config()
   cfg.data_source = 'embedded'
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  cfg.update_from_flattened_dict(overrides)
   return cfg
 
 

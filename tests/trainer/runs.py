@@ -3,15 +3,25 @@
 import os
 import subprocess
 import sys
+from typing import Any
 
 import jax
 import numpy as np
 
+from configs import tiny
 import hooks
 from trainer import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
+
+
+def tiny_config(**overrides: Any) -> Any:
+  """The tiny config keeping 20 checkpoints, dotted fields overridden."""
+  config = tiny.get_config()
+  config.keep_checkpoints = 20
+  config.update_from_flattened_dict(overrides)
+  return config
 
 
 def final_state(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:

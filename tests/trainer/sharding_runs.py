@@ -45,12 +45,7 @@ def config(**overrides: Any) -> Any:
   """The tiny config, evaluated at the end only, dotted fields overridden."""
   cfg = tiny.get_config()
   cfg.eval_every_steps = 6
-  for field, value in overrides.items():
-    parent = cfg
-    *path, last = field.split('.')
-    for part in path:
-      parent = parent[part]
-    parent[last] = value
+  cfg.update_from_flattened_dict(overrides)
   return cfg
 
 

@@ -7,7 +7,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import tiny
 import hooks
 from tests.trainer import runs
 from trainer import checkpoint
@@ -18,13 +17,8 @@ COUNT = 'opt_state/inner_state/0/count/{}'
 
 
 def _adam(**overrides):
-  config = tiny.get_config()
-  config.optimizer.name = 'adam'
-  config.optimizer.learning_rate = 1e-3
-  config.keep_checkpoints = 20
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  return runs.tiny_config(**{'optimizer.name': 'adam',
+                             'optimizer.learning_rate': 1e-3, **overrides})
 
 
 @pytest.fixture(scope='module')

@@ -24,12 +24,7 @@ WARM = os.path.join(runs.REPO, 'configs', 'warm_start.py')
 LEGACY = legacy_lib.CHECKPOINT
 
 
-def _tiny(**overrides):
-  config = tiny.get_config()
-  config.keep_checkpoints = 20
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+_tiny = runs.tiny_config
 
 
 @pytest.fixture(scope='module')
